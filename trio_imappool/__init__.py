@@ -1,0 +1,55 @@
+"""trio-imappool: a Trio-native pool of IMAP connections, on imapclient.
+
+::
+
+    import trio
+    import trio_imappool
+
+    async def main():
+        async with trio_imappool.open_pool(
+            "imap.example.org", username="u", password="p", max_size=8
+        ) as pool:
+            async with pool.connection() as conn:  # waits for a free connection
+                await conn.select_folder("INBOX")
+                uids = await conn.search(["UNSEEN"])
+                msgs = await conn.fetch(uids, ["ENVELOPE"])
+            n = await pool.run_sync(lambda client: len(client.list_folders()))
+            print(pool.statistics())
+
+    trio.run(main)
+"""
+
+from ._config import PoolConfig
+from ._connection import COMMANDS, Connection
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectError,
+    ConnectionLimitError,
+    PoolClosedError,
+    PoolError,
+    PoolTimeout,
+    ReleasedConnectionError,
+)
+from ._pool import Pool, open_pool
+from ._stats import PoolCounts, PoolStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMMANDS",
+    "AuthenticationError",
+    "ConfigurationError",
+    "ConnectError",
+    "Connection",
+    "ConnectionLimitError",
+    "Pool",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolCounts",
+    "PoolError",
+    "PoolStatistics",
+    "PoolTimeout",
+    "ReleasedConnectionError",
+    "open_pool",
+]

@@ -1,0 +1,305 @@
+"""One pooled IMAP connection: the blocking client, its thread offload and its interruption.
+
+imapclient is blocking and not safe for concurrent use, but it keeps no thread-local state, so a
+connection may be driven from different worker threads one after another. :class:`PooledClient`
+enforces exactly that: one call at a time, each in a worker thread of the pool's own limiter.
+
+Cancellation. A Trio cancel scope that fires while a command runs in a worker thread takes effect
+at once: the task abandons the thread, shuts the socket down from outside (which wakes a blocked
+read within microseconds, for plain and TLS sockets alike), waits shielded and briefly for the
+worker to notice, and marks the connection for discarding. The caller gets its ``Cancelled`` or
+``TooSlowError`` promptly, never after the socket's read timeout. A worker that does not finish
+within the grace period is left to end by itself (it owns the socket and closes it when it does);
+the connection is never handed out again either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl as ssl_lib
+import threading
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import trio
+from imapclient import IMAPClient, SocketTimeout
+
+from ._config import PoolConfig
+from ._errors import connection_survives
+
+__all__ = ["PooledClient", "TrackingClient"]
+
+T = TypeVar("T")
+
+# How long a cancelled task waits for its interrupted worker thread to finish.
+INTERRUPT_GRACE: Final = 1.0
+
+# The phases of one call into a worker thread.
+_QUEUED: Final = 0  # handed to trio.to_thread, the thread has not started it
+_RUNNING: Final = 1  # the thread is inside the call
+_ABANDONED: Final = 2  # the task left before the thread started it: it will not run
+_ORPHANED: Final = 3  # the task left while the thread was inside the call
+_FINISHED: Final = 4
+
+
+class TrackingClient(IMAPClient):  # type: ignore[misc]
+    """An :class:`imapclient.IMAPClient` that remembers the session state the pool cares about.
+
+    Tracking lives on the client, not on the async proxy, so that functions given to
+    ``run_sync`` that call ``client.select_folder(...)`` directly are tracked too.
+    """
+
+    selected: tuple[str, bool] | None
+    idling: bool
+    logged_out: bool
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.selected = None
+        self.idling = False
+        self.logged_out = False
+        super().__init__(*args, **kwargs)
+
+    def select_folder(self, folder: str, readonly: bool = False) -> dict[bytes, Any]:
+        # A failed SELECT leaves no folder selected (RFC 3501 6.3.1).
+        self.selected = None
+        result: dict[bytes, Any] = super().select_folder(folder, readonly)
+        self.selected = (folder, readonly)
+        return result
+
+    def unselect_folder(self) -> Any:
+        try:
+            return super().unselect_folder()
+        finally:
+            self.selected = None
+
+    def close_folder(self) -> Any:
+        try:
+            return super().close_folder()
+        finally:
+            self.selected = None
+
+    def idle(self) -> Any:
+        self.idling = True
+        return super().idle()
+
+    def idle_done(self) -> Any:
+        result = super().idle_done()
+        self.idling = False
+        return result
+
+    def logout(self) -> Any:
+        self.logged_out = True
+        return super().logout()
+
+    def shutdown(self) -> None:
+        self.logged_out = True
+        super().shutdown()
+
+    def restore_defaults(self) -> None:
+        """Undo attribute changes a previous user may have made (no I/O)."""
+        self.use_uid = True
+        self.folder_encode = True
+        self.normalise_times = True
+
+
+def open_client(config: PoolConfig) -> TrackingClient:
+    """Connect, upgrade if asked, and log in. Blocking; runs in a worker thread.
+
+    Every step is bounded: the connect timeout covers TCP connect, TLS handshake, greeting and
+    CAPABILITY; the login timeout covers STARTTLS and LOGIN.
+    """
+    client = TrackingClient(
+        config.host,
+        config.port,
+        ssl=config.ssl,
+        ssl_context=config.ssl_context,
+        timeout=SocketTimeout(connect=config.connect_timeout, read=config.login_timeout),
+    )
+    try:
+        # imapclient writes some commands in two pieces; without this each costs a delayed ACK.
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if config.starttls:
+            client.starttls(config.ssl_context or ssl_lib.create_default_context())
+        client.login(config.username, config.password)
+        client._timeout = SocketTimeout(connect=config.connect_timeout, read=config.read_timeout)
+        client.socket().settimeout(config.read_timeout)
+    except BaseException:
+        close_client(client)
+        raise
+    return client
+
+
+def close_client(client: TrackingClient) -> None:
+    """Close the client's socket without a LOGOUT. Only when no thread is using it."""
+    client.logged_out = True
+    with contextlib.suppress(OSError):
+        client._imap.shutdown()
+
+
+class _Skipped(Exception):
+    pass
+
+
+class _Call:
+    """One call into a worker thread. ``phase`` changes under the connection's lock."""
+
+    __slots__ = ("done", "phase", "token")
+
+    def __init__(self) -> None:
+        self.phase = _QUEUED
+        # Made only when the task stops waiting for a running thread (rare), so that it can
+        # still wait for the thread to end: the thread sets it through the Trio token.
+        self.done: trio.Event | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+
+    def orphan(self) -> None:
+        """Mark a running call as left by its task. Call with the lock held, in Trio."""
+        self.phase = _ORPHANED
+        if self.done is None:
+            self.done = trio.Event()
+            self.token = trio.lowlevel.current_trio_token()
+
+    def finished_in_thread(self) -> None:
+        if self.token is not None and self.done is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.done.set)
+
+
+class PooledClient:
+    """One connection of the pool: a :class:`TrackingClient` plus the pool's bookkeeping.
+
+    Not public; users hold a :class:`~trio_imappool.Connection` proxy instead.
+    """
+
+    __slots__ = (
+        "_call",
+        "_lock",
+        "broken",
+        "busy",
+        "client",
+        "created_at",
+        "last_used",
+        "number",
+    )
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.client: TrackingClient | None = None
+        now = trio.current_time()
+        self.created_at = now
+        self.last_used = now
+        #: Why the connection must not be reused, or None while it is healthy.
+        self.broken: str | None = None
+        #: True while a task is running a call on it (two tasks sharing a checkout).
+        self.busy = False
+        self._lock = threading.Lock()
+        self._call: _Call | None = None
+
+    def __repr__(self) -> str:
+        state = f"broken: {self.broken}" if self.broken else "ok"
+        folder = self.client.selected if self.client is not None else None
+        return f"<PooledClient #{self.number} {state}, selected={folder!r}>"
+
+    @property
+    def thread_running(self) -> bool:
+        """Whether a worker thread may still be inside a call on this connection."""
+        call = self._call
+        return call is not None and call.phase in (_RUNNING, _ORPHANED)
+
+    def _in_thread(self, call: _Call, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._lock:
+            if call.phase == _ABANDONED:
+                raise _Skipped  # nobody is waiting for this result
+            call.phase = _RUNNING
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            # Judged here, in the thread, so that only the command's own errors count: a
+            # Cancelled delivered to the task is handled by run() from the call's phase.
+            if self.broken is None and not connection_survives(exc):
+                self.broken = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            with self._lock:
+                orphaned = call.phase == _ORPHANED
+                call.phase = _FINISHED
+            if orphaned:
+                if self.client is not None:
+                    # The task gave up on us; we are the last user of the socket.
+                    close_client(self.client)
+                call.finished_in_thread()
+
+    async def run(
+        self,
+        limiter: trio.CapacityLimiter,
+        fn: Callable[..., T],
+        *args: Any,
+        grace: float = INTERRUPT_GRACE,
+    ) -> T:
+        """Run ``fn(*args)`` in a worker thread, interrupting it if the task is cancelled.
+
+        On cancellation (or any exception delivered to the task while the thread runs) the
+        connection is marked broken, its socket shut down, and the task waits at most *grace*
+        seconds (shielded) for the thread before re-raising.
+        """
+        call = _Call()
+        self._call = call
+        try:
+            return await trio.to_thread.run_sync(
+                self._in_thread, call, fn, args, limiter=limiter, abandon_on_cancel=True
+            )
+        except BaseException:
+            with self._lock:
+                phase = call.phase
+                if phase == _QUEUED:
+                    call.phase = _ABANDONED
+                elif phase in (_RUNNING, _ORPHANED):
+                    call.orphan()
+            if phase in (_RUNNING, _ORPHANED):
+                self.broken = self.broken or "a command was interrupted"
+                self.interrupt()
+                with trio.move_on_after(grace, shield=True):
+                    await self.wait_thread_done()
+            raise
+
+    async def wait_thread_done(self) -> None:
+        """Wait until no worker thread is inside a call that its task has left."""
+        call = self._call
+        if call is not None and call.done is not None:
+            await call.done.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def open_blocking(self, config: PoolConfig) -> None:
+        """Open the connection (in a worker thread, through :meth:`run`)."""
+        self.client = open_client(config)
+
+    def interrupt(self) -> None:
+        """Wake a worker blocked on this connection's socket (callable from any thread)."""
+        client = self.client
+        if client is None:
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            # The plain socket method: for TLS sockets it shuts the TCP stream down without
+            # touching the SSL object that the worker thread is using.
+            socket.socket.shutdown(client._imap.sock, socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Drop the connection without LOGOUT. Never blocks.
+
+        If a worker thread is still inside a call, the socket is shut down and the worker closes
+        it when it returns; otherwise it is closed here.
+        """
+        if self.broken is None:
+            self.broken = "closed"
+        with self._lock:
+            call = self._call
+            running = call is not None and call.phase in (_RUNNING, _ORPHANED)
+            if running:
+                assert call is not None
+                call.orphan()
+        if running:
+            self.interrupt()
+        elif self.client is not None:
+            close_client(self.client)

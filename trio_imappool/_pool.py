@@ -1,0 +1,587 @@
+"""The pool: checkout, release, opening on demand, and closing."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Final, TypeVar, TypeVarTuple
+
+import trio
+from imapclient import IMAPClient
+from trio_util import AsyncValue
+
+from ._client import PooledClient, TrackingClient
+from ._config import PoolConfig
+from ._connection import Connection
+from ._errors import (
+    ConnectError,
+    PoolClosedError,
+    PoolTimeout,
+    classify_open_error,
+    is_permanent_open_error,
+)
+from ._stats import PoolCounts, PoolStatistics
+
+__all__ = ["Pool", "open_pool"]
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+logger = logging.getLogger("trio_imappool")
+
+# Backoff between failed attempts to open a connection: doubles from the first to the cap, each
+# delay multiplied by a random factor in [0.5, 1) so that pools do not retry in step.
+BACKOFF_FIRST: Final = 0.05
+BACKOFF_CAP: Final = 1.0
+
+
+class _Waiter:
+    __slots__ = ("error", "scope")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.error: BaseException | None = None
+
+
+class Pool:
+    """A pool of logged-in IMAP connections to one account. Made by :func:`open_pool`.
+
+    Check a connection out with :meth:`connection`; it comes back when the block ends, however
+    it ends. Or run one blocking function on a pooled client with :meth:`run_sync`.
+
+    **What a checked-out connection is like.** It is logged in, and nobody else uses it while
+    you hold it. It may have a folder selected by its previous user
+    (:attr:`Connection.selected_folder <trio_imappool.Connection.selected_folder>` says which,
+    and whether read-only); select the folder you need before commands that depend on one. With
+    ``reset_on_release=True`` the pool unselects on release (one round trip, done in the
+    background), so every connection you get has no folder selected. Client attributes a
+    previous user changed through ``run_sync`` (``use_uid``, ``folder_encode``,
+    ``normalise_times``) are always put back to imapclient's defaults.
+
+    **Sizing.** ``min_size`` connections are opened in the background and kept. Beyond that a
+    connection is opened when a task waits and none is idle, up to ``max_size`` connections
+    existing or being opened (a :class:`trio.CapacityLimiter` keeps count). A waiting task gets
+    whichever comes first, a connection released by another task or a newly opened one, and
+    waiting tasks are served first come, first served.
+
+    **Failures to open.** Until the first connection has opened, or for an error that retrying
+    cannot mend (rejected credentials, a certificate that does not verify), every waiting task
+    gets a :class:`~trio_imappool.ConnectError` at once, so a wrong port or password is
+    reported right away. Once the pool has worked, a failure is taken as an outage: one attempt
+    at a time is retried with exponential backoff and jitter (up to 1 s apart) while tasks are
+    waiting or ``min_size`` is not met, and a waiting task that reaches its acquire timeout gets
+    :class:`~trio_imappool.PoolTimeout` naming the last error. Commands are never retried.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        nursery: trio.Nursery,
+        *,
+        thread_limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self.config: Final = config
+        self._nursery = nursery
+        self._size_limiter = trio.CapacityLimiter(config.max_size)
+        self._thread_limiter = thread_limiter or trio.CapacityLimiter(config.max_size)
+        self._idle_send, self._idle_recv = trio.open_memory_channel[PooledClient](config.max_size)
+        self._numbers = itertools.count(1)
+        self._in_use = 0
+        self._opening = 0
+        self._waiters: dict[_Waiter, None] = {}
+        self._closed = False
+        self._ever_opened = False
+        self._failures = 0
+        self._next_attempt_at = -math.inf
+        self._last_open_error: ConnectError | None = None
+        self._orphans: list[PooledClient] = []
+        self._acquires = 0
+        self._acquire_waits = 0
+        self._acquire_timeouts = 0
+        self._opened = 0
+        self._discarded = 0
+        self._closed_count = 0
+        self._open_failures = 0
+        #: The live counts, updated on every change: ``await pool.counts.wait_value(lambda c:
+        #: c.idle > 0)`` waits for an idle connection without polling.
+        self.counts: Final = AsyncValue(PoolCounts(0, 0, 0, 0, 0))
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Pool {self.config.name} {state} {self.statistics()}>"
+
+    def statistics(self) -> PoolStatistics:
+        """A snapshot of the pool's counts and counters (see :class:`PoolStatistics`)."""
+        counts = self.counts.value
+        return PoolStatistics(
+            name=self.config.name,
+            min_size=self.config.min_size,
+            max_size=self.config.max_size,
+            size=counts.size,
+            idle=counts.idle,
+            in_use=counts.in_use,
+            opening=counts.opening,
+            waiting=counts.waiting,
+            closed=self._closed,
+            acquires=self._acquires,
+            acquire_waits=self._acquire_waits,
+            acquire_timeouts=self._acquire_timeouts,
+            connections_opened=self._opened,
+            connections_discarded=self._discarded,
+            connections_closed=self._closed_count,
+            open_failures=self._open_failures,
+            last_open_error=str(self._last_open_error) if self._last_open_error else None,
+        )
+
+    def _publish(self) -> None:
+        self.counts.value = PoolCounts(
+            self._size_limiter.borrowed_tokens,
+            self._idle_recv.statistics().current_buffer_used,
+            self._in_use,
+            self._opening,
+            len(self._waiters),
+        )
+
+    # -- checkout ------------------------------------------------------------------------------
+
+    def connection(self, *, timeout: float | None = None) -> _Checkout:
+        """Check a connection out for the duration of an ``async with`` block.
+
+        ::
+
+            async with pool.connection() as conn:
+                await conn.select_folder("INBOX")
+                uids = await conn.search(["UNSEEN"])
+
+        Args:
+            timeout: How long to wait for a connection, instead of the pool's
+                ``acquire_timeout``.
+
+        Entering waits until a connection is free or opened, and may be cancelled; the
+        caller's own cancel scopes apply as usual.
+
+        Leaving never blocks and never loses the connection: it goes back to the pool on a
+        normal exit, an exception or a cancellation, or is discarded if it broke.
+
+        Raises:
+            PoolTimeout: No connection within the timeout (the message has the pool's counts).
+            ConnectError: Opening a connection failed and the pool has nothing else to offer
+                (see the class documentation).
+            PoolClosedError: The pool is closed or closes while waiting.
+        """
+        return _Checkout(self, timeout)
+
+    async def run_sync(self, fn: Callable[[IMAPClient, *Ts], T], *args: *Ts) -> T:
+        """Check out a connection, run ``fn(client, *args)`` in a worker thread, release it.
+
+        ::
+
+            count = await pool.run_sync(lambda client: len(client.list_folders()))
+
+        Args:
+            fn: A blocking function given the :class:`imapclient.IMAPClient`.
+            args: Further positional arguments for *fn*.
+
+        Returns:
+            What *fn* returns.
+
+        Raises:
+            Whatever :meth:`connection` and *fn* raise.
+
+        **Cancellation**: while waiting for a connection, as :meth:`connection`; while *fn*
+        runs, its I/O is interrupted at once and the connection discarded.
+        """
+        async with self.connection() as conn:
+            return await conn.run_sync(fn, *args)
+
+    async def _acquire(self, wait_limit: float | None) -> PooledClient:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise PoolClosedError(f"{self.config.name}: the pool is closed")
+        try:
+            slot = self._take_idle_nowait()
+        except trio.WouldBlock:
+            slot = await self._wait_for_connection(wait_limit)
+        else:
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            except BaseException:
+                self._return(slot)
+                raise
+        if self._closed:
+            self._drop(slot, discarded=False)
+            raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
+        self._acquires += 1
+        self._in_use += 1
+        self._publish()
+        return slot
+
+    def _take_idle_nowait(self) -> PooledClient:
+        while True:
+            slot = self._idle_recv.receive_nowait()
+            if slot.broken is None:
+                return slot
+            self._drop(slot, discarded=True)
+
+    async def _wait_for_connection(self, wait_limit: float | None) -> PooledClient:
+        timeout = self.config.acquire_timeout if wait_limit is None else wait_limit
+        self._acquire_waits += 1
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            waiter = _Waiter(scope)
+            self._waiters[waiter] = None
+            try:
+                self._want_connections()
+                while True:
+                    slot = await self._idle_recv.receive()
+                    if slot.broken is None:
+                        return slot
+                    self._drop(slot, discarded=True)
+            finally:
+                del self._waiters[waiter]
+                self._publish()
+        if waiter.error is not None:
+            raise waiter.error
+        self._acquire_timeouts += 1
+        last = self._last_open_error
+        reason = f"; opening connections fails: {last}" if last else ""
+        raise PoolTimeout(
+            f"{self.config.name}: no connection within {timeout:g} s ({self.statistics()}){reason}"
+        ) from last
+
+    # -- release ---------------------------------------------------------------------------------
+
+    def _release(self, slot: PooledClient) -> None:
+        """Take a connection back from a task. Synchronous: never blocks, never fails."""
+        self._in_use -= 1
+        self._return(slot)
+
+    def _return(self, slot: PooledClient) -> None:
+        slot.last_used = trio.current_time()
+        client = slot.client
+        assert client is not None
+        if slot.broken is None:
+            if client.logged_out:
+                slot.broken = "logged out by its user"
+            elif client.idling:
+                slot.broken = "left in IDLE by its user"
+        if slot.broken is not None or self._closed:
+            self._drop(slot, discarded=slot.broken is not None)
+        elif self.config.reset_on_release and client.selected is not None:
+            self._in_use += 1
+            self._nursery.start_soon(self._reset, slot)
+        else:
+            client.restore_defaults()
+            self._idle_send.send_nowait(slot)
+        self._publish()
+
+    async def _reset(self, slot: PooledClient) -> None:
+        try:
+            with trio.move_on_after(self.config.read_timeout):
+                await slot.run(self._thread_limiter, _unselect, slot.client)
+        except Exception as exc:  # the connection is judged by slot.broken
+            logger.debug("%s: reset of #%d failed: %r", self.config.name, slot.number, exc)
+        finally:
+            if slot.client is not None and slot.client.selected is not None:
+                slot.broken = slot.broken or "could not be reset"
+            self._release(slot)
+
+    def _drop(self, slot: PooledClient, *, discarded: bool) -> None:
+        """Close a connection and give its place back. Never blocks."""
+        if discarded:
+            self._discarded += 1
+            logger.info("%s: discarding #%d (%s)", self.config.name, slot.number, slot.broken)
+        else:
+            self._closed_count += 1
+        self._forget(slot)
+        self._want_connections()
+
+    def _forget(self, slot: PooledClient) -> None:
+        """Close *slot* and give its place in the size limiter back."""
+        slot.close()
+        if slot.thread_running:
+            self._orphans.append(slot)
+        self._size_limiter.release_on_behalf_of(slot)
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _demand(self) -> int:
+        """How many more connections are needed: for waiting tasks beyond the idle and the
+        opening ones, or to reach min_size."""
+        idle = self._idle_recv.statistics().current_buffer_used
+        return max(
+            len(self._waiters) - idle - self._opening,
+            self.config.min_size - self._size_limiter.borrowed_tokens,
+        )
+
+    def _want_connections(self) -> None:
+        """Start opening connections if tasks wait or min_size is not met. Synchronous."""
+        if self._closed:
+            return
+        wanted = self._demand()
+        if self._failures:
+            wanted = min(wanted, 1 - self._opening)  # one probe at a time while opens fail
+        for _ in range(wanted):
+            slot = PooledClient(next(self._numbers))
+            try:
+                self._size_limiter.acquire_on_behalf_of_nowait(slot)
+            except trio.WouldBlock:
+                break
+            self._opening += 1
+            self._nursery.start_soon(self._open, slot)
+        self._publish()
+
+    async def _open(self, slot: PooledClient) -> None:
+        """Open one connection into the idle channel, retrying while it is still wanted.
+
+        Runs in the pool's nursery, holding one token of the size limiter (on behalf of
+        *slot*) from :meth:`_want_connections` until the connection is delivered or given up.
+        """
+        config = self.config
+        pending: PooledClient | None = slot
+        try:
+            while pending is not None:
+                await trio.sleep(max(0.0, self._next_attempt_at - trio.current_time()))
+                if self._demand() < 0:
+                    return  # nobody needs it any more
+                try:
+                    with trio.fail_after(config.connect_timeout + config.login_timeout):
+                        await pending.run(
+                            self._thread_limiter, pending.open_blocking, config, grace=0.0
+                        )
+                except (Exception, trio.TooSlowError) as exc:
+                    error = self._open_failed(exc)
+                    permanent = is_permanent_open_error(error)
+                    if permanent or not self._ever_opened:
+                        self._fail_waiters(error)
+                    if permanent or self._opening > 1:
+                        return  # while opens fail, only the last opener keeps probing
+                    # Try again with a fresh slot; the failed one may hold a half-made client.
+                    fresh = PooledClient(next(self._numbers))
+                    self._forget(pending)
+                    self._size_limiter.acquire_on_behalf_of_nowait(fresh)
+                    pending = fresh
+                    continue
+                self._opened += 1
+                self._ever_opened = True
+                self._failures = 0
+                self._last_open_error = None
+                self._next_attempt_at = -math.inf
+                logger.debug("%s: opened #%d", config.name, pending.number)
+                self._opening -= 1
+                opened, pending = pending, None
+                self._return(opened)
+        finally:
+            if pending is not None:
+                self._opening -= 1
+                self._forget(pending)
+            self._want_connections()
+
+    def _open_failed(self, exc: BaseException) -> ConnectError:
+        self._open_failures += 1
+        self._failures += 1
+        delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        self._next_attempt_at = trio.current_time() + delay * random.uniform(0.5, 1.0)
+        if isinstance(exc, trio.TooSlowError):
+            text = "timed out opening a connection"
+        else:
+            text = f"could not open a connection: {type(exc).__name__}: {exc}"
+        error = classify_open_error(exc)(f"{self.config.name}: {text}")
+        error.__cause__ = exc
+        self._last_open_error = error
+        logger.warning("%s", error)
+        return error
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        """Wake every waiting task with (a copy of) *error*."""
+        for waiter in self._waiters:
+            if waiter.error is None:
+                copy = type(error)(*error.args)
+                copy.__cause__ = error.__cause__
+                waiter.error = copy
+                waiter.scope.cancel()
+
+    # -- closing -------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` has been called (or the ``open_pool`` block has ended)."""
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Close the pool. Idempotent.
+
+        Waiting tasks get :class:`~trio_imappool.PoolClosedError`; idle connections are logged
+        out (for at most ``logout_timeout``, then dropped); connections still checked out are
+        closed when they come back; connections being opened are abandoned and closed. Later
+        checkouts raise :class:`~trio_imappool.PoolClosedError`.
+
+        **Cancellation**: the closing is shielded and bounded by ``logout_timeout`` plus a
+        second, so it completes even when called from a cancelled scope; it is a checkpoint.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_waiters(PoolClosedError(f"{self.config.name}: the pool was closed"))
+        idle: list[PooledClient] = []
+        while True:
+            try:
+                idle.append(self._idle_recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        with trio.move_on_after(self.config.logout_timeout, shield=True):
+            async with trio.open_nursery() as nursery:
+                for slot in idle:
+                    nursery.start_soon(self._logout, slot)
+        self._publish()
+
+    async def _logout(self, slot: PooledClient) -> None:
+        try:
+            await slot.run(self._thread_limiter, TrackingClient.logout, slot.client)
+        except BaseException:
+            if slot.broken is None:
+                slot.broken = "LOGOUT failed"
+            raise
+        finally:
+            self._drop(slot, discarded=False)
+
+    async def _wait_for_orphans(self) -> None:
+        """Wait (bounded by the open timeouts) for abandoned worker threads to end."""
+        bound = self.config.connect_timeout + self.config.login_timeout
+        with trio.move_on_after(bound, shield=True):
+            for slot in self._orphans:
+                await slot.wait_thread_done()
+        self._orphans = [slot for slot in self._orphans if slot.thread_running]
+
+
+def _unselect(client: TrackingClient | None) -> None:
+    assert client is not None
+    if client.has_capability("UNSELECT"):
+        client.unselect_folder()
+    else:
+        # Without UNSELECT: a failed SELECT leaves no folder selected, and unlike CLOSE it
+        # expunges nothing.
+        with contextlib.suppress(IMAPClient.Error):
+            client.select_folder("trio-imappool-no-such-folder-\x7f", readonly=True)
+
+
+class _Checkout:
+    """The async context manager returned by :meth:`Pool.connection`."""
+
+    __slots__ = ("_conn", "_pool", "_slot", "_timeout")
+
+    def __init__(self, pool: Pool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._slot: PooledClient | None = None
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        if self._slot is not None:
+            raise RuntimeError("this pool.connection() context manager is already in use")
+        slot = await self._pool._acquire(self._timeout)
+        self._slot = slot
+        self._conn = Connection(self._pool, slot)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        slot, conn = self._slot, self._conn
+        assert slot is not None and conn is not None
+        self._slot = self._conn = None
+        conn._slot = None
+        self._pool._release(slot)
+
+
+@asynccontextmanager
+async def open_pool(
+    host: str,
+    port: int | None = None,
+    **options: Any,
+) -> AsyncIterator[Pool]:
+    """Open a pool of IMAP connections to one account, for the duration of a block.
+
+    ::
+
+        async with trio_imappool.open_pool(
+            "imap.example.org", username="u", password="p", max_size=8
+        ) as pool:
+            async with pool.connection() as conn:
+                await conn.select_folder("INBOX")
+                uids = await conn.search(["UNSEEN"])
+
+    The pool's background work (opening connections, resets) runs in a nursery of its own that
+    lives as long as the block. Nothing is opened before it is needed unless ``min_size`` asks.
+
+    Args:
+        host: The server's host name or address.
+        port: The server's port; 993 with implicit TLS (the default), else 143.
+        **options: The fields of :class:`PoolConfig`: ``username`` and ``password``
+            (required), ``ssl``, ``starttls``, ``ssl_context``, ``min_size``, ``max_size``,
+            ``acquire_timeout``, ``connect_timeout``, ``login_timeout``, ``read_timeout``,
+            ``logout_timeout``, ``reset_on_release``, ``name``; and ``thread_limiter``, a
+            :class:`trio.CapacityLimiter` for the worker threads (default: one of the pool's own
+            with ``max_size`` tokens).
+
+    Raises:
+        ConfigurationError: An argument is invalid (raised before anything is opened).
+
+    Leaving the block closes the pool (see :meth:`Pool.aclose`) and then waits, bounded by the
+    connect and login timeouts, for worker threads that were abandoned to finish. An exception
+    raised in the block comes out of it unchanged, never wrapped in an exception group; the
+    pool's background tasks do not raise.
+
+    **Cancellation**: leaving the block on a cancellation still closes the pool (shielded,
+    bounded by ``logout_timeout``).
+    """
+    thread_limiter = options.pop("thread_limiter", None)
+    if thread_limiter is not None and not isinstance(thread_limiter, trio.CapacityLimiter):
+        raise TypeError("thread_limiter must be a trio.CapacityLimiter")
+    config = PoolConfig.build(host, port, **options)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = Pool(config, nursery, thread_limiter=thread_limiter)
+            pool._want_connections()
+            try:
+                yield pool
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool.aclose()
+                nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await pool._wait_for_orphans()
+    except BaseExceptionGroup as group:
+        with trio.CancelScope(shield=True):
+            await pool._wait_for_orphans()
+        if body_error is None or not _only(group, body_error):
+            raise
+    if body_error is not None:
+        raise body_error
+
+
+def _only(group: BaseExceptionGroup[BaseException], error: BaseException) -> bool:
+    """Whether *group* holds just *error* (possibly nested)."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if inner is error:
+            return True
+        if not isinstance(inner, BaseExceptionGroup):
+            return False
+        group = inner
+    return False

@@ -1,0 +1,79 @@
+"""What the pool reports about itself: a frozen snapshot and the live counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+__all__ = ["PoolCounts", "PoolStatistics"]
+
+
+class PoolCounts(NamedTuple):
+    """The pool's live counts, published on every change through
+    :attr:`Pool.counts <trio_imappool.Pool.counts>` (a :class:`trio_util.AsyncValue`).
+
+    Always ``size == idle + in_use + opening``.
+    """
+
+    #: Connections that exist or are being opened (what the server sees, at most max_size).
+    size: int
+    #: Open connections waiting in the pool for a user.
+    idle: int
+    #: Connections checked out by tasks (including any being reset after release).
+    in_use: int
+    #: Connections being opened (connect, TLS, login), including retries after a failure.
+    opening: int
+    #: Tasks waiting in :meth:`~trio_imappool.Pool.connection` for a connection.
+    waiting: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of the pool, returned by :meth:`~trio_imappool.Pool.statistics`.
+
+    ========================  ===============================================================
+    field                     meaning
+    ========================  ===============================================================
+    ``name``                  the pool's name (``user@host:port`` unless given)
+    ``min_size``              connections kept open
+    ``max_size``              upper bound on ``size``
+    ``size``                  connections that exist or are being opened
+    ``idle``                  open connections ready to be handed out
+    ``in_use``                connections checked out by tasks
+    ``opening``               connections being opened
+    ``waiting``               tasks waiting for a connection
+    ``closed``                whether the pool is closed
+    ``acquires``              checkouts that got a connection
+    ``acquire_waits``         of those and the failed ones, checkouts that had to wait
+    ``acquire_timeouts``      checkouts that ended in :class:`~trio_imappool.PoolTimeout`
+    ``connections_opened``    connections opened successfully
+    ``connections_discarded`` connections dropped because they broke (errors, interruptions)
+    ``connections_closed``    connections closed by the pool while healthy (pool closing)
+    ``open_failures``         failed attempts to open a connection
+    ``last_open_error``       the text of the last failed open, or None after a success
+    ========================  ===============================================================
+    """
+
+    name: str
+    min_size: int
+    max_size: int
+    size: int
+    idle: int
+    in_use: int
+    opening: int
+    waiting: int
+    closed: bool
+    acquires: int
+    acquire_waits: int
+    acquire_timeouts: int
+    connections_opened: int
+    connections_discarded: int
+    connections_closed: int
+    open_failures: int
+    last_open_error: str | None
+
+    def __str__(self) -> str:
+        return (
+            f"size={self.size}/{self.max_size} idle={self.idle} in_use={self.in_use} "
+            f"opening={self.opening} waiting={self.waiting}"
+        )

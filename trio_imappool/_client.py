@@ -183,8 +183,9 @@ class PooledClient:
         "number",
     )
 
-    def __init__(self, number: int) -> None:
-        self.number = number
+    def __init__(self) -> None:
+        #: Serial number in the pool, given when the connection has opened (0 before).
+        self.number = 0
         self.client: TrackingClient | None = None
         now = trio.current_time()
         self.created_at = now

@@ -245,7 +245,9 @@ class Pool:
                         return slot
                     self._drop(slot, discarded=True)
             finally:
-                del self._waiters[waiter]
+                # The counts as this waiter saw them, for the timeout's message.
+                seen = str(self.statistics())
+                self._waiters.pop(waiter, None)
                 self._publish()
         if waiter.error is not None:
             raise waiter.error
@@ -253,7 +255,7 @@ class Pool:
         last = self._last_open_error
         reason = f"; opening connections fails: {last}" if last else ""
         raise PoolTimeout(
-            f"{self.config.name}: no connection within {timeout:g} s ({self.statistics()}){reason}"
+            f"{self.config.name}: no connection within {timeout:g} s ({seen}){reason}"
         ) from last
 
     # -- release ---------------------------------------------------------------------------------
@@ -326,10 +328,12 @@ class Pool:
         if self._closed:
             return
         wanted = self._demand()
-        if self._failures:
-            wanted = min(wanted, 1 - self._opening)  # one probe at a time while opens fail
+        if self._failures or not self._ever_opened:
+            # Until the server has shown that it accepts us, and while opens fail, one
+            # attempt at a time: a wrong password or port costs one try, not max_size.
+            wanted = min(wanted, 1 - self._opening)
         for _ in range(wanted):
-            slot = PooledClient(next(self._numbers))
+            slot = PooledClient()
             try:
                 self._size_limiter.acquire_on_behalf_of_nowait(slot)
             except trio.WouldBlock:
@@ -361,15 +365,16 @@ class Pool:
                     permanent = is_permanent_open_error(error)
                     if permanent or not self._ever_opened:
                         self._fail_waiters(error)
-                    if permanent or self._opening > 1:
+                    if permanent or self._opening > 1 or self._demand() < 0:
                         return  # while opens fail, only the last opener keeps probing
                     # Try again with a fresh slot; the failed one may hold a half-made client.
-                    fresh = PooledClient(next(self._numbers))
+                    fresh = PooledClient()
                     self._forget(pending)
                     self._size_limiter.acquire_on_behalf_of_nowait(fresh)
                     pending = fresh
                     continue
                 self._opened += 1
+                pending.number = next(self._numbers)
                 self._ever_opened = True
                 self._failures = 0
                 self._last_open_error = None
@@ -400,13 +405,14 @@ class Pool:
         return error
 
     def _fail_waiters(self, error: BaseException) -> None:
-        """Wake every waiting task with (a copy of) *error*."""
+        """Wake every waiting task with (a copy of) *error*; they stop counting as waiting."""
         for waiter in self._waiters:
-            if waiter.error is None:
-                copy = type(error)(*error.args)
-                copy.__cause__ = error.__cause__
-                waiter.error = copy
-                waiter.scope.cancel()
+            copy = type(error)(*error.args)
+            copy.__cause__ = error.__cause__
+            waiter.error = copy
+            waiter.scope.cancel()
+        self._waiters.clear()
+        self._publish()
 
     # -- closing -------------------------------------------------------------------------------
 

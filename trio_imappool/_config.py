@@ -105,7 +105,9 @@ class PoolConfig:
         if "acquire_timeout" in options:
             _check_timeout("acquire_timeout", options["acquire_timeout"], allow_inf=True)
         _check_bool("reset_on_release", options.get("reset_on_release", False))
-        name = options.pop("name", None) or f"{options['username']}@{host}:{port}"
+        name = options.pop("name", None)
+        if name is None:
+            name = f"{options['username']}@{host}:{port}"
         _check_str("name", name)
         return cls(host=host, port=port, name=name, **options)
 
@@ -129,6 +131,6 @@ def _check_timeout(key: str, value: object, *, allow_inf: bool) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
     if ok and not allow_inf:
         ok = math.isfinite(value)  # type: ignore[arg-type]
-    if not ok or math.isnan(value):  # type: ignore[arg-type]
+    if not ok:
         kind = "a positive number of seconds" + (" (or math.inf)" if allow_inf else "")
         raise ConfigurationError(f"{key} must be {kind}, not {value!r}")

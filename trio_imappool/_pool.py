@@ -92,6 +92,8 @@ class Pool:
         self._thread_limiter = thread_limiter or trio.CapacityLimiter(config.max_size)
         self._idle_send, self._idle_recv = trio.open_memory_channel[PooledClient](config.max_size)
         self._numbers = itertools.count(1)
+        # Connections in the idle channel, including one on its way to a waiting task.
+        self._idle = 0
         self._in_use = 0
         self._opening = 0
         self._waiters: dict[_Waiter, None] = {}
@@ -144,7 +146,7 @@ class Pool:
     def _publish(self) -> None:
         self.counts.value = PoolCounts(
             self._size_limiter.borrowed_tokens,
-            self._idle_recv.statistics().current_buffer_used,
+            self._idle,
             self._in_use,
             self._opening,
             len(self._waiters),
@@ -227,6 +229,7 @@ class Pool:
     def _take_idle_nowait(self) -> PooledClient:
         while True:
             slot = self._idle_recv.receive_nowait()
+            self._idle -= 1
             if slot.broken is None:
                 return slot
             self._drop(slot, discarded=True)
@@ -241,6 +244,7 @@ class Pool:
                 self._want_connections()
                 while True:
                     slot = await self._idle_recv.receive()
+                    self._idle -= 1
                     if slot.broken is None:
                         return slot
                     self._drop(slot, discarded=True)
@@ -282,6 +286,7 @@ class Pool:
         else:
             client.restore_defaults()
             self._idle_send.send_nowait(slot)
+            self._idle += 1
         self._publish()
 
     async def _reset(self, slot: PooledClient) -> None:
@@ -317,9 +322,8 @@ class Pool:
     def _demand(self) -> int:
         """How many more connections are needed: for waiting tasks beyond the idle and the
         opening ones, or to reach min_size."""
-        idle = self._idle_recv.statistics().current_buffer_used
         return max(
-            len(self._waiters) - idle - self._opening,
+            len(self._waiters) - self._idle - self._opening,
             self.config.min_size - self._size_limiter.borrowed_tokens,
         )
 
@@ -441,6 +445,7 @@ class Pool:
         while True:
             try:
                 idle.append(self._idle_recv.receive_nowait())
+                self._idle -= 1
             except trio.WouldBlock:
                 break
         with trio.move_on_after(self.config.logout_timeout, shield=True):

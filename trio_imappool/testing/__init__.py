@@ -1,0 +1,54 @@
+"""A real IMAP server for tests: a private Dovecot, seeded with known messages.
+
+Tests of an IMAP client learn most against a real server. This package starts Dovecot (Debian's
+``dovecot-imapd``) in a temporary folder on ``127.0.0.1`` with free ports, a TLS certificate
+from an in-memory `trustme` CA, passwd-file users and maildir storage, and fills its folders
+with deterministic messages::
+
+    import imapclient
+    from trio_imappool.testing import make_message, seed_folders, start_dovecot
+
+    with start_dovecot(users={"alice": "alice-pw"}) as server:
+        uids = seed_folders(server, {"INBOX": 10, "Archive/2024": 100})
+        settings = server.pool_kwargs()  # implicit TLS, trusting the test CA
+        client = imapclient.IMAPClient(
+            settings["host"], settings["port"], ssl_context=settings["ssl_context"]
+        )
+        client.login(settings["username"], settings["password"])
+        client.select_folder("INBOX")
+        fetched = client.fetch(uids["INBOX"][:1], ["BODY.PEEK[]"])
+        assert fetched[uids["INBOX"][0]][b"BODY[]"] == make_message("INBOX", 0)
+        client.logout()
+        server.kick("alice")  # drop connections from the server side
+        server.restart()  # same ports, same mail
+
+With pytest, the ``dovecot`` (session) and ``dovecot_factory`` fixtures of
+:mod:`trio_imappool.testing.pytest_plugin` are loaded automatically.
+
+Everything here is synchronous and bounded in time. Importing this package is cheap: `trustme`
+and `imapclient` are imported when first needed.
+"""
+
+from ._dovecot import (
+    DEFAULT_USERS,
+    DovecotFactory,
+    DovecotNotFoundError,
+    DovecotServer,
+    DovecotStartError,
+    find_dovecot,
+    start_dovecot,
+)
+from ._seed import make_message, message_date, seed_folders
+
+__all__ = [
+    "DEFAULT_USERS",
+    "DovecotFactory",
+    "DovecotNotFoundError",
+    "DovecotServer",
+    "DovecotStartError",
+    "find_dovecot",
+    "make_message",
+    "message_date",
+    "seed_folders",
+    "start_dovecot",
+]

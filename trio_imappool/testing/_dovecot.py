@@ -1,0 +1,749 @@
+"""A private Dovecot IMAP server for tests, started and stopped from Python.
+
+Every server lives in its own short temporary folder (Unix socket paths must stay under 108
+bytes, so pytest's ``tmp_path`` is too long) and listens on ``127.0.0.1`` only, on two free ports
+chosen here: a plain listener that offers STARTTLS and an implicit-TLS listener. The TLS
+certificate comes from a `trustme` CA made in memory; users live in a passwd-file; mail is stored
+as maildir under the folder.
+
+The configuration avoids the traps of a stock Dovecot in a test suite:
+
+- the userdb hands out an unprivileged uid (``nobody`` when we run as root, ourselves otherwise):
+  uid 0 kills the ``imap`` process right after a good LOGIN;
+- the folder is mode 0755, so the auth process (user ``dovecot``) can read the users file;
+- the ``anvil-auth-penalty`` listener is off and ``auth_failure_delay`` is 0, so a failed LOGIN
+  does not slow down the logins after it;
+- ``imap-login`` serves every connection from one process (``service_count = 0``);
+- ``mail_fsync = never``, so seeding thousands of messages takes seconds.
+
+Stopping kills Dovecot's whole process group with SIGKILL (instant, and every client connection
+drops) and removes its runtime files (``master.pid`` and sockets), so that :meth:`start` can bring
+it back at once on the same ports with the same mail.
+
+Everything here is synchronous and bounded in time: waits have deadlines, and a server that does
+not become ready raises :class:`DovecotStartError` with the end of its log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import grp
+import math
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import ssl
+
+    import trustme
+
+__all__ = [
+    "DEFAULT_USERS",
+    "DovecotFactory",
+    "DovecotNotFoundError",
+    "DovecotServer",
+    "DovecotStartError",
+    "find_dovecot",
+    "start_dovecot",
+]
+
+HOST = "127.0.0.1"
+"""The only address the servers listen on."""
+
+DEFAULT_USERS: Mapping[str, str] = {"alice": "alice-pw", "bob": "bob-pw"}
+"""The users of a server started without ``users=``."""
+
+DEFAULT_DOVECOT = "/usr/sbin/dovecot"
+DEFAULT_DOVEADM = "/usr/bin/doveadm"
+INSTALL_HINT = "install it with `apt-get install dovecot-imapd` (Debian/Ubuntu)"
+
+_READY_POLL_INTERVAL = 0.01
+_STOP_TIMEOUT = 5.0
+_DOVEADM_TIMEOUT = 10.0
+_LOG_TAIL_BYTES = 4000
+# Longest parent folder we create the server folder in; longer ones leave too little room for
+# Dovecot's socket paths (e.g. "<folder>/run/login/imap-urlauth").
+_MAX_PARENT_LEN = 40
+# A RAM file system: seeding 10,000 messages took 0.6 s there and 4.5 s on an ext4 /tmp, where
+# the kernel throttled the burst of small writes.
+_RAM_DIR = "/dev/shm"
+
+
+class DovecotNotFoundError(RuntimeError):
+    """The Dovecot binary (or ``doveadm``) is not installed where we looked."""
+
+
+class DovecotStartError(RuntimeError):
+    """Dovecot exited, or did not accept a LOGIN and SELECT INBOX, before the deadline.
+
+    The message includes the end of Dovecot's log.
+    """
+
+
+def find_dovecot(dovecot_binary: str | os.PathLike[str] | None = None) -> str:
+    """Locate the ``dovecot`` binary.
+
+    Args:
+        dovecot_binary: The path to use. ``None`` looks for ``dovecot`` on ``PATH``, then at
+            ``/usr/sbin/dovecot`` (``/usr/sbin`` is often not on a user's ``PATH``).
+
+    Returns:
+        The path of an executable file.
+
+    Raises:
+        DovecotNotFoundError: There is no such executable; the message says how to install it.
+    """
+    if dovecot_binary is not None:
+        candidates = [os.fspath(dovecot_binary)]
+    else:
+        candidates = [p for p in (shutil.which("dovecot"), DEFAULT_DOVECOT) if p]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise DovecotNotFoundError(
+        f"Dovecot not found (looked for {' and '.join(candidates)}): {INSTALL_HINT}"
+    )
+
+
+def _find_doveadm(doveadm_binary: str | os.PathLike[str] | None, dovecot: str) -> str:
+    if doveadm_binary is not None:
+        candidates = [os.fspath(doveadm_binary)]
+    else:
+        sibling = os.path.join(os.path.dirname(dovecot), "doveadm")
+        found = shutil.which("doveadm")
+        candidates = [p for p in (found, DEFAULT_DOVEADM, sibling) if p]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise DovecotNotFoundError(
+        f"doveadm not found (looked for {' and '.join(candidates)}): {INSTALL_HINT}"
+    )
+
+
+def _free_ports(count: int) -> list[int]:
+    # Bind them all at once so that they differ, then release them for Dovecot.
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((HOST, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _check_field(kind: str, value: str) -> None:
+    if not value or any(c in value for c in ":\r\n\0") or value != value.strip():
+        raise ValueError(
+            f"{kind} {value!r} cannot go into a passwd-file: it must be non-empty, "
+            "without ':', line breaks or surrounding spaces"
+        )
+
+
+def _mail_ids() -> tuple[int, int]:
+    """The uid and gid that own the mail: never 0, which Dovecot refuses after LOGIN."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        return 65534, 65534
+    return nobody.pw_uid, nobody.pw_gid
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process group still has a member that is not a zombie."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - not Linux: zombies count, but init reaps them
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = data[data.rindex(b")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+class DovecotServer:
+    """One private Dovecot instance; use :func:`start_dovecot` to get one.
+
+    Attributes:
+        host: Always ``"127.0.0.1"``.
+        imap_port: The plain IMAP listener; it offers STARTTLS and allows LOGIN without TLS.
+        imaps_port: The implicit-TLS listener.
+        ca: The `trustme.CA` that signed the server certificate (valid for ``localhost`` and
+            ``127.0.0.1``).
+        users: The users and their passwords (a copy; use :meth:`add_user` to add one).
+        base_dir: The server's temporary folder (configuration, users, mail, runtime files).
+        log_path: Dovecot's log file.
+        config_path: The generated ``dovecot.conf``.
+        max_userip_connections: Dovecot's ``mail_max_userip_connections``.
+    """
+
+    host: str
+    imap_port: int
+    imaps_port: int
+    ca: trustme.CA
+    base_dir: Path
+    log_path: Path
+    config_path: Path
+    max_userip_connections: int
+
+    def __init__(
+        self,
+        *,
+        base_dir: Path,
+        users: Mapping[str, str],
+        max_userip_connections: int,
+        extra_config: str,
+        dovecot_binary: str,
+        doveadm_binary: str,
+        ready_timeout: float,
+    ) -> None:
+        # Private: start_dovecot() makes the folder and calls this.
+        import trustme
+
+        self.host = HOST
+        self.base_dir = base_dir
+        self.log_path = base_dir / "dovecot.log"
+        self.config_path = base_dir / "dovecot.conf"
+        self.max_userip_connections = max_userip_connections
+        self._users: dict[str, str] = {}
+        self._users_dir = base_dir / "users"
+        self._home_root = base_dir / "home"
+        self._run_dir = base_dir / "run"
+        self._extra_config = extra_config
+        self._dovecot = dovecot_binary
+        self._doveadm = doveadm_binary
+        self._ready_timeout = ready_timeout
+        self._uid, self._gid = _mail_ids()
+        self._lock = threading.RLock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self.imap_port, self.imaps_port = _free_ports(2)
+        self._first_start = True
+
+        self.ca = trustme.CA()
+        cert = self.ca.issue_cert("localhost", HOST)
+        cert_path = base_dir / "cert.pem"
+        key_path = base_dir / "key.pem"
+        cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(cert.private_key_pem.bytes())
+
+        self._home_root.mkdir(mode=0o755)
+        self._users_dir.mkdir(mode=0o755)
+        (base_dir / "state").mkdir(mode=0o755)
+        for name, password in users.items():
+            self._add_user(name, password)
+        self._write_config()
+
+    # -- public properties -------------------------------------------------------------------
+
+    @property
+    def users(self) -> dict[str, str]:
+        """User name -> password, in the order they were added (a copy)."""
+        return dict(self._users)
+
+    @property
+    def username(self) -> str:
+        """The first user's name."""
+        return next(iter(self._users))
+
+    @property
+    def password(self) -> str:
+        """The first user's password."""
+        return self._users[self.username]
+
+    @property
+    def running(self) -> bool:
+        """Whether the Dovecot master process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("closed" if self._closed else "stopped")
+        return (
+            f"<DovecotServer {state} {self.host} imap={self.imap_port} "
+            f"imaps={self.imaps_port} users={len(self._users)} dir={self.base_dir}>"
+        )
+
+    # -- client-side helpers -----------------------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A new client-side context that trusts only this server's CA.
+
+        Hostname checking is on: connect as ``127.0.0.1`` or ``localhost``.
+        """
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self.ca.configure_trust(context)
+        return context
+
+    def pool_kwargs(self, user: str | None = None, *, tls: bool = True) -> dict[str, Any]:
+        """Connection settings for a user, as keyword arguments.
+
+        Args:
+            user: The user name; ``None`` for the first user.
+            tls: ``True`` for the implicit-TLS port with :meth:`ssl_context`; ``False`` for the
+                plain port without TLS.
+
+        Returns:
+            A dict with ``host``, ``port``, ``username``, ``password``, ``ssl`` and
+            ``ssl_context`` (``None`` when ``tls`` is false).
+
+        Raises:
+            KeyError: No such user.
+        """
+        name = self.username if user is None else user
+        return {
+            "host": self.host,
+            "port": self.imaps_port if tls else self.imap_port,
+            "username": name,
+            "password": self._users[name],
+            "ssl": tls,
+            "ssl_context": self.ssl_context() if tls else None,
+        }
+
+    def log_tail(self, max_bytes: int = _LOG_TAIL_BYTES) -> str:
+        """The end of Dovecot's log (about ``max_bytes``), for error messages."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                size = log.tell()
+                log.seek(max(0, size - max_bytes))
+                return log.read().decode("utf-8", "replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    # -- users -------------------------------------------------------------------------------
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add a user, or change a user's password, while running or not.
+
+        Each user has a passwd-file of their own, so a new user can log in at once. Dovecot
+        re-reads a changed file at most once a second: changing the password of an existing
+        user of a running server therefore waits until the next second.
+
+        Raises:
+            ValueError: The name or password cannot be stored in a passwd-file.
+        """
+        with self._lock:
+            existed = name in self._users
+            written = self._add_user(name, password)
+            if existed and self.running:
+                time.sleep(max(0.0, math.floor(written) + 1.0 - time.time()))
+
+    def _add_user(self, name: str, password: str) -> float:
+        _check_field("user name", name)
+        _check_field("password", password)
+        if "/" in name or name in {".", ".."}:
+            raise ValueError(f"user name {name!r} cannot be a file name")
+        self._users[name] = password
+        self._make_home(name)
+        self._write_user(name)
+        return time.time()
+
+    def _make_home(self, name: str) -> None:
+        home = self._home_root / name
+        home.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(home, self._uid, self._gid)
+
+    def _write_user(self, name: str) -> None:
+        path = self._users_dir / name
+        home = self._home_root / name
+        line = f"{name}:{{PLAIN}}{self._users[name]}:{self._uid}:{self._gid}::{home}::\n"
+        old_mtime = path.stat().st_mtime if path.exists() else 0.0
+        # Replace atomically (Dovecot may read the file at any moment) and make sure the
+        # modification time moves: Dovecot compares whole seconds and the size.
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(line, encoding="utf-8")
+        tmp.chmod(0o644)
+        mtime = max(time.time(), old_mtime + 1.0)
+        os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, path)
+
+    def _write_config(self) -> None:
+        base = self.base_dir
+        internal = no_chroot = ""
+        if os.geteuid() != 0:
+            # Unprivileged Dovecot: every service runs as us.
+            me = pwd.getpwuid(os.geteuid()).pw_name
+            group = grp.getgrgid(os.getegid()).gr_name
+            internal = (
+                f"default_internal_user = {me}\ndefault_login_user = {me}\n"
+                f"default_internal_group = {group}\n"
+            )
+            no_chroot = "  chroot =\n"  # only root may chroot
+        text = f"""\
+# Generated by trio_imappool.testing for a test server. Do not edit.
+instance_name = trio-imappool-{self.imap_port}
+base_dir = {self._run_dir}
+state_dir = {base}/state
+log_path = {self.log_path}
+{internal}protocols = imap
+listen = {HOST}
+ssl = yes
+ssl_cert = <{base}/cert.pem
+ssl_key = <{base}/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+auth_verbose = yes
+first_valid_uid = 1
+first_valid_gid = 1
+mail_location = maildir:~/Maildir
+mail_fsync = never
+mail_max_userip_connections = {self.max_userip_connections}
+verbose_proctitle = yes
+
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {self._users_dir}/%u
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {self._users_dir}/%u
+}}
+
+namespace inbox {{
+  inbox = yes
+  separator = /
+  mailbox Drafts {{
+    special_use = \\Drafts
+  }}
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+  }}
+  mailbox Junk {{
+    special_use = \\Junk
+  }}
+}}
+
+service imap-login {{
+  inet_listener imap {{
+    address = {HOST}
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    address = {HOST}
+    port = {self.imaps_port}
+    ssl = yes
+  }}
+  service_count = 0
+{no_chroot}}}
+
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+{no_chroot}}}
+
+{self._extra_config}
+"""
+        self.config_path.write_text(text, encoding="utf-8")
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start Dovecot, on the same ports and with the same mail as before.
+
+        Returns once the first user can LOGIN and SELECT INBOX. Does nothing if running.
+
+        Raises:
+            DovecotStartError: Dovecot exited or was not ready within the deadline (10 s by
+                default); it has been stopped and the message has the end of its log.
+            RuntimeError: The server was closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed: start a new one")
+            if self.running:
+                return
+            self._clean_runtime_files()
+            with self.log_path.open("ab") as log:
+                self._process = subprocess.Popen(
+                    [self._dovecot, "-F", "-c", str(self.config_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,  # its own process group: stop() kills it whole
+                )
+            _live_servers.add(self)
+            try:
+                self._wait_ready()
+            except DovecotStartError as exc:
+                self.stop()
+                if self._first_start and "Address already in use" in str(exc):
+                    # Another program took a port between our pick and Dovecot's bind.
+                    self._first_start = False
+                    self.imap_port, self.imaps_port = _free_ports(2)
+                    self._write_config()
+                    self.start()
+                    return
+                raise
+            except BaseException:
+                self.stop()
+                raise
+            self._first_start = False
+
+    def _wait_ready(self) -> None:
+        import imapclient
+        from imapclient.imapclient import SocketTimeout
+
+        deadline = time.monotonic() + self._ready_timeout
+        last_error: BaseException | None = None
+        while True:
+            assert self._process is not None
+            code = self._process.poll()
+            if code is not None:
+                raise DovecotStartError(
+                    f"Dovecot exited with status {code} while starting "
+                    f"(config {self.config_path}); end of its log:\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DovecotStartError(
+                    f"Dovecot was not ready within {self._ready_timeout} s "
+                    f"(last error: {last_error!r}); end of its log:\n{self.log_tail()}"
+                )
+            try:
+                timeout = SocketTimeout(connect=min(1.0, remaining), read=min(2.0, remaining))
+                with imapclient.IMAPClient(
+                    self.host, self.imap_port, ssl=False, timeout=timeout
+                ) as client:
+                    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    client.login(self.username, self.password)
+                    client.select_folder("INBOX")
+                # The implicit-TLS listener is bound by the same master: a connect suffices.
+                socket.create_connection((self.host, self.imaps_port), timeout=1.0).close()
+                return
+            except (OSError, imapclient.exceptions.IMAPClientError) as exc:
+                last_error = exc
+            time.sleep(_READY_POLL_INTERVAL)
+
+    def stop(self) -> None:
+        """Stop Dovecot at once (SIGKILL to its process group) and clean its runtime files.
+
+        Every client connection drops. Mail and users are kept. Does nothing if stopped.
+        """
+        with self._lock:
+            process, self._process = self._process, None
+            _live_servers.discard(self)
+            if process is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=_STOP_TIMEOUT)
+            # The master is gone, but its children may still be dying and holding the
+            # listening sockets: wait for them too, so the ports are free when we return.
+            deadline = time.monotonic() + _STOP_TIMEOUT
+            while _group_alive(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self._clean_runtime_files()
+
+    def restart(self) -> None:
+        """:meth:`stop`, then :meth:`start` (same ports, same mail)."""
+        with self._lock:
+            self.stop()
+            self.start()
+
+    def close(self) -> None:
+        """Stop Dovecot and remove :attr:`base_dir`. Idempotent; the server cannot restart."""
+        with self._lock:
+            if self._closed:
+                return
+            self.stop()
+            self._closed = True
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def _clean_runtime_files(self) -> None:
+        # A stale master.pid or anvil-auth-penalty socket makes Dovecot refuse or stall.
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # -- admin -------------------------------------------------------------------------------
+
+    def doveadm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``doveadm`` against this server, with a 10 s deadline.
+
+        Args:
+            *args: The doveadm command and its arguments, e.g. ``"who"``.
+            check: Raise if doveadm exits with a non-zero status.
+
+        Returns:
+            The finished process, with text ``stdout`` and ``stderr``.
+
+        Raises:
+            subprocess.CalledProcessError: ``check`` is true and doveadm failed.
+            subprocess.TimeoutExpired: doveadm did not finish in time.
+        """
+        return subprocess.run(
+            [self._doveadm, "-c", str(self.config_path), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_DOVEADM_TIMEOUT,
+            check=check,
+        )
+
+    def connections(self, user: str | None = None) -> int:
+        """How many IMAP sessions (logged-in connections) Dovecot counts, for a user or all."""
+        args = ["who", "-1"] + ([user] if user is not None else [])
+        out = self.doveadm(*args).stdout.splitlines()
+        # `who -1` prints a header line, then one line per connection.
+        return sum(1 for line in out[1:] if line.strip())
+
+    def kick(self, user: str) -> None:
+        """Drop all of a user's connections from the server side.
+
+        Returns once Dovecot no longer counts any of them (within 5 s), so the client's next
+        command fails with ``IMAPClientAbortError``.
+
+        Raises:
+            RuntimeError: The server is not running, or the connections outlived the deadline.
+        """
+        if not self.running:
+            raise RuntimeError(f"{self!r} is not running")
+        self.doveadm("kick", user, check=False)
+        deadline = time.monotonic() + 5.0
+        while self.connections(user):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{user}'s connections survived a kick: {self.log_tail()}")
+            time.sleep(_READY_POLL_INTERVAL)
+
+    # -- context manager ---------------------------------------------------------------------
+
+    def __enter__(self) -> DovecotServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# Strong references: a running server must not be garbage-collected before it is stopped.
+_live_servers: set[DovecotServer] = set()
+
+
+@atexit.register
+def _stop_leftover_servers() -> None:
+    # A server whose with-block never ended (e.g. a session fixture never finalized) must not
+    # outlive the interpreter.
+    for server in list(_live_servers):
+        with contextlib.suppress(Exception):
+            server.close()
+
+
+def _make_base_dir(root_dir: str | os.PathLike[str] | None) -> Path:
+    if root_dir is not None:
+        parent = os.fspath(root_dir)
+    elif os.path.isdir(_RAM_DIR) and os.access(_RAM_DIR, os.W_OK | os.X_OK):
+        parent = _RAM_DIR
+    else:
+        parent = tempfile.gettempdir()
+        if len(parent) > _MAX_PARENT_LEN:
+            parent = "/tmp"
+    path = Path(tempfile.mkdtemp(prefix="imappool-", dir=parent))
+    path.chmod(0o755)  # mkdtemp makes 0700: Dovecot's auth process must read the users file
+    return path
+
+
+@contextlib.contextmanager
+def start_dovecot(
+    *,
+    users: Mapping[str, str] | None = None,
+    max_userip_connections: int = 100,
+    extra_config: str = "",
+    dovecot_binary: str | os.PathLike[str] | None = None,
+    doveadm_binary: str | os.PathLike[str] | None = None,
+    ready_timeout: float = 10.0,
+    root_dir: str | os.PathLike[str] | None = None,
+) -> Iterator[DovecotServer]:
+    """Run a private Dovecot on 127.0.0.1 for the duration of a ``with`` block.
+
+    Args:
+        users: User name -> password; ``None`` for alice/alice-pw and bob/bob-pw. The first one
+            is :attr:`DovecotServer.username`, and the readiness check logs in as it.
+        max_userip_connections: Dovecot's ``mail_max_userip_connections``: past it, LOGIN
+            fails with ``[LIMIT]``.
+        extra_config: Raw text appended to ``dovecot.conf`` (later settings win).
+        dovecot_binary: Path of ``dovecot``; ``None`` searches ``PATH`` and ``/usr/sbin``.
+        doveadm_binary: Path of ``doveadm``; ``None`` searches ``PATH`` and ``/usr/bin``.
+        ready_timeout: Seconds to wait for a LOGIN and SELECT INBOX to succeed.
+        root_dir: Where to make the server's folder; ``None`` for ``/dev/shm`` (in memory)
+            when usable, else the temporary folder (``/tmp`` if that path is long: Unix socket
+            paths must stay short). Dovecot's own users must be able to traverse it.
+
+    Yields:
+        The running server. Leaving the block stops it and removes its folder.
+
+    Raises:
+        DovecotNotFoundError: Dovecot is not installed.
+        DovecotStartError: Dovecot did not start (the message has the end of its log).
+        ValueError: ``users`` is empty or holds a name or password a passwd-file cannot store.
+    """
+    dovecot = find_dovecot(dovecot_binary)
+    doveadm = _find_doveadm(doveadm_binary, dovecot)
+    user_map = dict(DEFAULT_USERS if users is None else users)
+    if not user_map:
+        raise ValueError("start_dovecot() needs at least one user")
+    if max_userip_connections < 1:
+        raise ValueError("max_userip_connections must be at least 1")
+    base_dir = _make_base_dir(root_dir)
+    try:
+        server = DovecotServer(
+            base_dir=base_dir,
+            users=user_map,
+            max_userip_connections=max_userip_connections,
+            extra_config=extra_config,
+            dovecot_binary=dovecot,
+            doveadm_binary=doveadm,
+            ready_timeout=ready_timeout,
+        )
+    except BaseException:
+        shutil.rmtree(base_dir, ignore_errors=True)
+        raise
+    with server:
+        server.start()
+        yield server
+
+
+class DovecotFactory(Protocol):
+    """The type of the ``dovecot_factory`` fixture: :func:`start_dovecot` without ``with``."""
+
+    def __call__(
+        self,
+        *,
+        users: Mapping[str, str] | None = None,
+        max_userip_connections: int = 100,
+        extra_config: str = "",
+        dovecot_binary: str | os.PathLike[str] | None = None,
+        doveadm_binary: str | os.PathLike[str] | None = None,
+        ready_timeout: float = 10.0,
+        root_dir: str | os.PathLike[str] | None = None,
+    ) -> DovecotServer: ...

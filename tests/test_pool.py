@@ -295,7 +295,8 @@ async def test_cancel_during_a_blocking_command_interrupts_it_at_once(
                 await conn.idle_check(timeout=15)  # blocks in its thread: nothing arrives
         elapsed = trio.current_time() - started
         assert scope.cancelled_caught
-        assert elapsed < 5, f"the cancel took {elapsed:.1f} s: the thread was not interrupted"
+        # Without the interruption the task would sit out the 1 s grace period, then more.
+        assert elapsed < 1.0, f"the cancel took {elapsed:.2f} s: the thread was not interrupted"
         await assert_settled(pool)
         stats = pool.statistics()
         assert (stats.size, stats.connections_discarded) == (0, 1)

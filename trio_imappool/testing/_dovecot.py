@@ -1,27 +1,32 @@
 """A private Dovecot IMAP server for tests, started and stopped from Python.
 
 Every server lives in its own short temporary folder (Unix socket paths must stay under 108
-bytes, so pytest's ``tmp_path`` is too long) and listens on ``127.0.0.1`` only, on two free ports
-chosen here: a plain listener that offers STARTTLS and an implicit-TLS listener. The TLS
-certificate comes from a `trustme` CA made in memory; users live in a passwd-file; mail is stored
-as maildir under the folder.
+bytes, so pytest's ``tmp_path`` is too long; ``/dev/shm`` when there is one, because seeding
+thousands of messages on a disk can be throttled to a crawl) and listens on ``127.0.0.1`` only,
+on two free ports chosen here: a plain listener that offers STARTTLS and an implicit-TLS
+listener. The TLS certificate comes from a `trustme` CA made in memory; each user has a
+passwd-file of their own; mail is stored as maildir under the folder.
 
 The configuration avoids the traps of a stock Dovecot in a test suite:
 
 - the userdb hands out an unprivileged uid (``nobody`` when we run as root, ourselves otherwise):
   uid 0 kills the ``imap`` process right after a good LOGIN;
-- the folder is mode 0755, so the auth process (user ``dovecot``) can read the users file;
-- the ``anvil-auth-penalty`` listener is off and ``auth_failure_delay`` is 0, so a failed LOGIN
-  does not slow down the logins after it;
+- the folder is mode 0755, so the auth process (user ``dovecot``) can read the users' files;
+- the ``anvil-auth-penalty`` listener is off, so a failed LOGIN does not slow down the logins
+  after it, and ``auth_failure_delay = 0`` makes a failed LOGIN answer after 0.5 s, not 2 s;
 - ``imap-login`` serves every connection from one process (``service_count = 0``);
-- ``mail_fsync = never``, so seeding thousands of messages takes seconds.
+- ``mail_fsync = never``, so seeding thousands of messages takes about a second;
+- Dovecot re-reads a passwd-file at most once a second: one file per user lets a new user log
+  in at once.
 
 Stopping kills Dovecot's whole process group with SIGKILL (instant, and every client connection
-drops) and removes its runtime files (``master.pid`` and sockets), so that :meth:`start` can bring
-it back at once on the same ports with the same mail.
+drops), waits until no member is left holding the ports, and removes its runtime files
+(``master.pid`` and sockets), so that :meth:`DovecotServer.start` can bring it back at once on the
+same ports with the same mail. A start takes about 35 ms, a stop about 5 ms.
 
 Everything here is synchronous and bounded in time: waits have deadlines, and a server that does
-not become ready raises :class:`DovecotStartError` with the end of its log.
+not become ready raises :class:`DovecotStartError` with the end of its log. Methods may be called
+from any thread (a lock serializes them), e.g. through ``trio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
@@ -543,10 +548,16 @@ service anvil {{
                     client.select_folder("INBOX")
                 # The implicit-TLS listener is bound by the same master: a connect suffices.
                 socket.create_connection((self.host, self.imaps_port), timeout=1.0).close()
-                return
+                break
             except (OSError, imapclient.exceptions.IMAPClientError) as exc:
                 last_error = exc
             time.sleep(_READY_POLL_INTERVAL)
+        # Dovecot forgets the check's session a moment after LOGOUT: wait for that (briefly),
+        # so that connections() counts only the caller's own.
+        settle = time.monotonic() + 1.0
+        with contextlib.suppress(subprocess.SubprocessError):
+            while self.connections(self.username) and time.monotonic() < settle:
+                time.sleep(_READY_POLL_INTERVAL)
 
     def stop(self) -> None:
         """Stop Dovecot at once (SIGKILL to its process group) and clean its runtime files.
@@ -613,7 +624,12 @@ service anvil {{
         )
 
     def connections(self, user: str | None = None) -> int:
-        """How many IMAP sessions (logged-in connections) Dovecot counts, for a user or all."""
+        """How many IMAP sessions (logged-in connections) Dovecot counts, for a user or all.
+
+        Connections that have not logged in are not counted. 0 when the server is stopped.
+        """
+        if not self.running:
+            return 0
         args = ["who", "-1"] + ([user] if user is not None else [])
         out = self.doveadm(*args).stdout.splitlines()
         # `who -1` prints a header line, then one line per connection.

@@ -22,7 +22,7 @@ import email.utils
 import hashlib
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ _FILLER = "The quick brown fox jumps over the lazy dog. 0123456789 " * 2
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 60.0
+_MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 def message_date(i: int) -> datetime.datetime:
@@ -201,48 +202,59 @@ def seed_folders(
 def _seed_folder(
     client: Any, folder: str, count: int, size: int, flags: FlagsArg, batch_size: int
 ) -> list[int]:
-    from imapclient.exceptions import IMAPClientError
-
     if not client.folder_exists(folder):
         client.create_folder(folder)
-    multiappend = client.has_capability("MULTIAPPEND")
-    uids: list[int] = []
     first = client.folder_status(folder, [b"MESSAGES"])[b"MESSAGES"]
-    for start in range(first, first + count, batch_size):
-        indexes = range(start, min(first + count, start + batch_size))
-        uid_next: int | None = None
-        batch = []
-        for i in indexes:
-            item: dict[str, Any] = {"msg": make_message(folder, i, size), "date": message_date(i)}
-            message_flags = flags(folder, i) if callable(flags) else flags
-            if message_flags:
-                item["flags"] = list(message_flags)
-            batch.append(item)
-        if not client.has_capability("UIDPLUS"):
-            uid_next = client.folder_status(folder, [b"UIDNEXT"])[b"UIDNEXT"]
-        responses: list[Any] = []
-        if multiappend:
-            typ, data = client.multiappend(folder, batch)
-            if typ != "OK":
-                raise IMAPClientError(f"MULTIAPPEND to {folder!r} failed: {data!r}")
-            responses.extend(data)
-        else:
-            for item in batch:
-                responses.append(
-                    client.append(folder, item["msg"], item.get("flags", ()), item["date"])
-                )
-        if uid_next is not None:
-            # No UIDPLUS: assume nobody else appended meanwhile (true in a test).
-            uids.extend(range(uid_next, uid_next + len(batch)))
-        elif multiappend:
-            found = _appended_uids(responses, len(batch))
-            if found is None:
-                raise RuntimeError(f"no APPENDUID in the MULTIAPPEND response: {responses!r}")
-            uids.extend(found)
-        else:
-            for response in responses:
-                found = _appended_uids([response], 1)
-                if found is None:
-                    raise RuntimeError(f"no APPENDUID in the APPEND response: {response!r}")
-                uids.extend(found)
+    uids: list[int] = []
+    for batch in _batches(folder, range(first, first + count), size, flags, batch_size):
+        uids.extend(_append_batch(client, folder, batch))
+    return uids
+
+
+def _batches(
+    folder: str, indexes: range, size: int, flags: FlagsArg, batch_size: int
+) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    batch_bytes = 0
+    for i in indexes:
+        item: dict[str, Any] = {"msg": make_message(folder, i, size), "date": message_date(i)}
+        message_flags = flags(folder, i) if callable(flags) else flags
+        if message_flags:
+            item["flags"] = list(message_flags)
+        batch.append(item)
+        batch_bytes += len(item["msg"])
+        if len(batch) >= batch_size or batch_bytes >= _MAX_BATCH_BYTES:
+            yield batch
+            batch, batch_bytes = [], 0
+    if batch:
+        yield batch
+
+
+def _append_batch(client: Any, folder: str, batch: list[dict[str, Any]]) -> list[int]:
+    from imapclient.exceptions import IMAPClientError
+
+    uid_next: int | None = None
+    if not client.has_capability("UIDPLUS"):
+        # No APPENDUID: the UIDs are the next ones, as long as nobody else appends meanwhile
+        # (true in a test).
+        uid_next = client.folder_status(folder, [b"UIDNEXT"])[b"UIDNEXT"]
+    multiappend = client.has_capability("MULTIAPPEND")
+    if multiappend:
+        typ, data = client.multiappend(folder, batch)
+        if typ != "OK":
+            raise IMAPClientError(f"MULTIAPPEND to {folder!r} failed: {data!r}")
+        responses = [data]
+    else:
+        responses = [
+            [client.append(folder, item["msg"], item.get("flags", ()), item["date"])]
+            for item in batch
+        ]
+    if uid_next is not None:
+        return list(range(uid_next, uid_next + len(batch)))
+    uids: list[int] = []
+    for response in responses:
+        found = _appended_uids(response, len(batch) if multiappend else 1)
+        if found is None:
+            raise RuntimeError(f"no APPENDUID in the server's answer: {response!r}")
+        uids.extend(found)
     return uids

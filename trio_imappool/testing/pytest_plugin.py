@@ -7,8 +7,9 @@ nothing until a test asks for one of its fixtures:
 ``dovecot`` (session scope)
     One :class:`~trio_imappool.testing.DovecotServer` shared by the whole session, with users
     ``alice``/``alice-pw`` and ``bob``/``bob-pw`` and ``max_userip_connections=200``. Tests
-    share its mailboxes: do not stop, restart or kick it; take a server of your own from
-    ``dovecot_factory`` for that.
+    share its mailboxes: do not stop or restart it, and kick or limit only users of the test's
+    own (:meth:`~trio_imappool.testing.DovecotServer.add_user` works at once); take a server of
+    your own from ``dovecot_factory`` for anything else.
 
 ``dovecot_factory`` (function scope)
     A callable taking the keyword arguments of

@@ -38,6 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(folders: int, messages: int, max_size: int) -> int:
     from .testing import DovecotNotFoundError, seed_folders, start_dovecot
 
+    try:
+        import trustme  # noqa: F401
+    except ImportError:
+        print(
+            "trio-imappool demo: the demo needs the trustme package: "
+            "pip install 'trio-imappool[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+
     names = ["INBOX"] + [f"Folder{i}" for i in range(1, folders)]
     try:
         with start_dovecot(users={"demo": "demo-password"}) as server:

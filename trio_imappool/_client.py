@@ -16,6 +16,8 @@ the connection is never handed out again either way.
 from __future__ import annotations
 
 import contextlib
+import math
+import select
 import socket
 import ssl as ssl_lib
 import threading
@@ -26,7 +28,7 @@ import trio
 from imapclient import IMAPClient, SocketTimeout
 
 from ._config import PoolConfig
-from ._errors import connection_survives
+from ._errors import connection_survives, suggests_server_gone
 
 __all__ = ["PooledClient", "TrackingClient"]
 
@@ -179,8 +181,10 @@ class PooledClient:
         "busy",
         "client",
         "created_at",
+        "expires_at",
         "last_used",
         "number",
+        "server_gone",
     )
 
     def __init__(self) -> None:
@@ -190,6 +194,10 @@ class PooledClient:
         now = trio.current_time()
         self.created_at = now
         self.last_used = now
+        #: When max_lifetime (with its jitter) retires it; set by the pool.
+        self.expires_at = math.inf
+        #: Set when an error suggests that the server went away (EOF, BYE, reset).
+        self.server_gone = False
         #: Why the connection must not be reused, or None while it is healthy.
         self.broken: str | None = None
         #: True while a task is running a call on it (two tasks sharing a checkout).
@@ -220,6 +228,7 @@ class PooledClient:
             # Cancelled delivered to the task is handled by run() from the call's phase.
             if self.broken is None and not connection_survives(exc):
                 self.broken = f"{type(exc).__name__}: {exc}"
+                self.server_gone = suggests_server_gone(exc)
             raise
         finally:
             with self._lock:
@@ -275,6 +284,20 @@ class PooledClient:
     def open_blocking(self, config: PoolConfig) -> None:
         """Open the connection (in a worker thread, through :meth:`run`)."""
         self.client = open_client(config)
+
+    def server_spoke(self) -> bool:
+        """Whether the idle connection's socket is readable: the server closed it or sent
+        something unasked (a BYE before shutting down). No round trip, never blocks."""
+        client = self.client
+        if client is None:
+            return True
+        try:
+            # poll(), not recv(MSG_PEEK): a socket with a timeout waits inside recv().
+            poller = select.poll()
+            poller.register(client._imap.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def interrupt(self) -> None:
         """Wake a worker blocked on this connection's socket (callable from any thread)."""

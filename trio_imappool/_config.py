@@ -40,6 +40,14 @@ class PoolConfig:
             the command fail with :class:`TimeoutError` and the connection is discarded.
         logout_timeout: How long closing the pool waits for LOGOUT before dropping connections.
         reset_on_release: Unselect the folder of a connection when it comes back to the pool.
+        noop_check_after: A connection idle for longer than this is checked with a NOOP before
+            it is handed out (``math.inf``: never).
+        max_idle: Idle connections beyond ``min_size`` are closed after this long unused
+            (``math.inf``: never).
+        max_lifetime: Connections are closed and replaced after this long, each after a random
+            90-100 % of it so that they do not all reconnect at once (``math.inf``: never).
+        keepalive: Idle connections unused for this long get a NOOP, so that the server does
+            not log them out (servers may after 30 minutes); ``None``: off.
         name: The pool's name, used in its log records and error messages.
     """
 
@@ -58,6 +66,10 @@ class PoolConfig:
     read_timeout: float = 30.0
     logout_timeout: float = 5.0
     reset_on_release: bool = False
+    noop_check_after: float = 60.0
+    max_idle: float = 600.0
+    max_lifetime: float = 3600.0
+    keepalive: float | None = None
     name: str = ""
 
     @classmethod
@@ -102,8 +114,11 @@ class PoolConfig:
         for key in ("connect_timeout", "login_timeout", "read_timeout", "logout_timeout"):
             if key in options:
                 _check_timeout(key, options[key], allow_inf=False)
-        if "acquire_timeout" in options:
-            _check_timeout("acquire_timeout", options["acquire_timeout"], allow_inf=True)
+        for key in ("acquire_timeout", "noop_check_after", "max_idle", "max_lifetime"):
+            if key in options:
+                _check_timeout(key, options[key], allow_inf=True)
+        if options.get("keepalive") is not None:
+            _check_timeout("keepalive", options["keepalive"], allow_inf=False)
         _check_bool("reset_on_release", options.get("reset_on_release", False))
         name = options.pop("name", None)
         if name is None:

@@ -112,6 +112,22 @@ def connection_survives(exc: BaseException) -> bool:
     return type(exc) is imap_exc.IMAPClientError
 
 
+def suggests_server_gone(exc: BaseException) -> bool:
+    """Whether a failure suggests that the server went away (restart, shutdown, network cut):
+    then the other idle connections are likely dead too."""
+    if isinstance(exc, imap_exc.IMAPClientReadOnlyError):
+        return False
+    return isinstance(
+        exc,
+        imaplib.IMAP4.abort
+        | ConnectionResetError
+        | ConnectionRefusedError
+        | BrokenPipeError
+        | ConnectionAbortedError
+        | EOFError,
+    )
+
+
 def classify_open_error(exc: BaseException) -> type[ConnectError]:
     """Which :class:`ConnectError` subclass describes a failure to open a connection."""
     if isinstance(exc, imap_exc.LoginError):

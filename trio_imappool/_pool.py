@@ -21,10 +21,12 @@ from ._config import PoolConfig
 from ._connection import Connection
 from ._errors import (
     ConnectError,
+    ConnectionLimitError,
     PoolClosedError,
     PoolTimeout,
     classify_open_error,
     is_permanent_open_error,
+    suggests_server_gone,
 )
 from ._stats import PoolCounts, PoolStatistics
 
@@ -38,7 +40,13 @@ logger = logging.getLogger("trio_imappool")
 # Backoff between failed attempts to open a connection: doubles from the first to the cap, each
 # delay multiplied by a random factor in [0.5, 1) so that pools do not retry in step.
 BACKOFF_FIRST: Final = 0.05
-BACKOFF_CAP: Final = 1.0
+BACKOFF_CAP: Final = 0.5
+# After a login refused for too many connections: wait longer before the next attempt, and try
+# one connection more than the server allowed after this long.
+LIMIT_BACKOFF: Final = 1.0
+LIMIT_RECHECK: Final = 30.0
+MAINTENANCE_TICK_MIN: Final = 0.05
+MAINTENANCE_TICK_MAX: Final = 30.0
 
 
 class _Waiter:
@@ -103,6 +111,11 @@ class Pool:
         self._next_attempt_at = -math.inf
         self._last_open_error: ConnectError | None = None
         self._orphans: list[PooledClient] = []
+        # Connections opened before this time are not reused (a server failure, or drain()).
+        self._invalid_before = -math.inf
+        self._limit_lowered_at: float | None = None
+        self._noop_checks = 0
+        self._retired = 0
         self._acquires = 0
         self._acquire_waits = 0
         self._acquire_timeouts = 0
@@ -206,33 +219,70 @@ class Pool:
 
     async def _acquire(self, wait_limit: float | None) -> PooledClient:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed:
-            raise PoolClosedError(f"{self.config.name}: the pool is closed")
-        try:
-            slot = self._take_idle_nowait()
-        except trio.WouldBlock:
-            slot = await self._wait_for_connection(wait_limit)
-        else:
+        while True:
+            if self._closed:
+                raise PoolClosedError(f"{self.config.name}: the pool is closed")
             try:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            except BaseException:
-                self._return(slot)
-                raise
-        if self._closed:
-            self._drop(slot, discarded=False)
-            raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
-        self._acquires += 1
-        self._in_use += 1
-        self._publish()
-        return slot
+                slot = self._take_idle_nowait()
+            except trio.WouldBlock:
+                slot = await self._wait_for_connection(wait_limit)
+            else:
+                try:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                except BaseException:
+                    self._return(slot)
+                    raise
+            self._in_use += 1
+            if self._closed:
+                self._release(slot)
+                raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
+            if trio.current_time() - slot.last_used > self.config.noop_check_after:
+                # Idle for long: make sure it still answers before handing it out.
+                try:
+                    healthy = await self._noop_check(slot)
+                except BaseException:
+                    self._release(slot)
+                    raise
+                if not healthy:
+                    self._release(slot)
+                    continue
+            self._acquires += 1
+            self._publish()
+            return slot
+
+    def _usable(self, slot: PooledClient) -> bool:
+        """The checks a checkout makes without a round trip; drops the connection if one fails."""
+        if slot.broken is None:
+            if slot.created_at < self._invalid_before:
+                slot.broken = "opened before a server failure"
+            elif trio.current_time() >= slot.expires_at:
+                slot.broken = "reached max_lifetime"
+            elif slot.server_spoke():
+                slot.broken = "the server closed it or spoke unasked while it was idle"
+        if slot.broken is None:
+            return True
+        self._drop(slot, discarded=True)
+        return False
 
     def _take_idle_nowait(self) -> PooledClient:
         while True:
             slot = self._idle_recv.receive_nowait()
             self._idle -= 1
-            if slot.broken is None:
+            if self._usable(slot):
                 return slot
-            self._drop(slot, discarded=True)
+
+    async def _noop_check(self, slot: PooledClient) -> bool:
+        self._noop_checks += 1
+        with trio.move_on_after(self.config.connect_timeout):
+            try:
+                await slot.run(self._thread_limiter, TrackingClient.noop, slot.client)
+            except Exception as exc:
+                logger.info("%s: #%d failed its NOOP check: %r", self.config.name, slot.number, exc)
+                return False
+            else:
+                return True
+        slot.broken = "its NOOP check timed out"
+        return False
 
     async def _wait_for_connection(self, wait_limit: float | None) -> PooledClient:
         timeout = self.config.acquire_timeout if wait_limit is None else wait_limit
@@ -245,9 +295,8 @@ class Pool:
                 while True:
                     slot = await self._idle_recv.receive()
                     self._idle -= 1
-                    if slot.broken is None:
+                    if self._usable(slot):
                         return slot
-                    self._drop(slot, discarded=True)
             finally:
                 # The counts as this waiter saw them, for the timeout's message.
                 seen = str(self.statistics())
@@ -278,8 +327,14 @@ class Pool:
                 slot.broken = "logged out by its user"
             elif client.idling:
                 slot.broken = "left in IDLE by its user"
+        if slot.server_gone:
+            self._invalidate(f"#{slot.number} lost its server ({slot.broken})")
+        if slot.broken is None and slot.created_at < self._invalid_before:
+            slot.broken = "opened before a server failure or drain()"
         if slot.broken is not None or self._closed:
             self._drop(slot, discarded=slot.broken is not None)
+        elif slot.last_used >= slot.expires_at:
+            self._retire(slot)
         elif self.config.reset_on_release and client.selected is not None:
             self._in_use += 1
             self._nursery.start_soon(self._reset, slot)
@@ -316,6 +371,112 @@ class Pool:
         if slot.thread_running:
             self._orphans.append(slot)
         self._size_limiter.release_on_behalf_of(slot)
+
+    def drain(self) -> None:
+        """Close every idle connection now, and every checked-out one when it comes back.
+
+        For when you know the server restarted or the network changed (after a resume from
+        sleep, say): the next checkouts get fresh connections instead of finding the stale ones
+        one by one. The pool does the same by itself when a command or an open fails in a way
+        that suggests the server went away (EOF, BYE, connection reset or refused).
+        Synchronous: closes sockets without LOGOUT, never blocks.
+        """
+        self._invalidate("drain() was called")
+
+    def _invalidate(self, why: str) -> None:
+        self._invalid_before = trio.current_time()
+        dropped = 0
+        for slot in self._take_all_idle():
+            slot.broken = slot.broken or "dropped with the other idle connections"
+            self._drop(slot, discarded=True)
+            dropped += 1
+        if dropped:
+            logger.warning("%s: %s: dropped %d idle connections", self.config.name, why, dropped)
+        self._publish()
+
+    def _take_all_idle(self) -> list[PooledClient]:
+        """Empty the idle channel (synchronously, so no task can slip in between)."""
+        taken: list[PooledClient] = []
+        while True:
+            try:
+                taken.append(self._idle_recv.receive_nowait())
+            except trio.WouldBlock:
+                self._idle -= len(taken)
+                return taken
+
+    def _retire(self, slot: PooledClient) -> None:
+        """Close a healthy connection politely (LOGOUT) in the background."""
+        self._retired += 1
+        self._in_use += 1  # busy with the pool's own work until the LOGOUT is done
+        self._nursery.start_soon(self._logout_and_release, slot)
+
+    async def _logout_and_release(self, slot: PooledClient) -> None:
+        try:
+            with trio.move_on_after(self.config.logout_timeout):
+                await slot.run(self._thread_limiter, TrackingClient.logout, slot.client)
+        except Exception as exc:
+            logger.debug("%s: LOGOUT of #%d failed: %r", self.config.name, slot.number, exc)
+        finally:
+            self._in_use -= 1
+            self._drop(slot, discarded=False)
+            self._publish()
+
+    async def _keepalive(self, slot: PooledClient) -> None:
+        try:
+            with trio.move_on_after(self.config.connect_timeout):
+                await slot.run(self._thread_limiter, TrackingClient.noop, slot.client)
+        except Exception as exc:
+            logger.info("%s: keepalive of #%d failed: %r", self.config.name, slot.number, exc)
+        finally:
+            self._release(slot)
+
+    async def _maintain_forever(self) -> None:
+        """Close idle connections past max_idle or max_lifetime, send keepalives, and give
+        back the places taken away after a connection-limit refusal. Runs in the nursery."""
+        config = self.config
+        periods = [config.max_idle, config.max_lifetime / 10, LIMIT_RECHECK]
+        if config.keepalive is not None:
+            periods.append(config.keepalive)
+        tick = min(MAINTENANCE_TICK_MAX, max(MAINTENANCE_TICK_MIN, min(periods) / 4))
+        while True:
+            await trio.sleep(tick)
+            self._maintain()
+
+    def _maintain(self) -> None:
+        config = self.config
+        now = trio.current_time()
+        idle = self._take_all_idle()
+        keep: list[PooledClient] = []
+        retired = 0
+        for slot in idle:
+            if slot.broken is not None or slot.created_at < self._invalid_before:
+                slot.broken = slot.broken or "opened before a server failure or drain()"
+                self._drop(slot, discarded=True)
+            elif now >= slot.expires_at or (
+                now - slot.last_used >= config.max_idle
+                and self._size_limiter.borrowed_tokens - retired > config.min_size
+            ):
+                self._retire(slot)
+                retired += 1
+            elif config.keepalive is not None and now - slot.last_used >= config.keepalive:
+                self._in_use += 1
+                self._nursery.start_soon(self._keepalive, slot)
+            else:
+                keep.append(slot)
+        for slot in keep:
+            self._idle_send.send_nowait(slot)
+        self._idle += len(keep)
+        limiter = self._size_limiter
+        if (
+            self._limit_lowered_at is not None
+            and now - self._limit_lowered_at >= LIMIT_RECHECK
+            and limiter.total_tokens < config.max_size
+        ):
+            # Try one more connection than the server last allowed.
+            limiter.total_tokens += 1
+            self._limit_lowered_at = now if limiter.total_tokens < config.max_size else None
+        self._publish()
+        self._want_connections()
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -369,16 +530,28 @@ class Pool:
                     permanent = is_permanent_open_error(error)
                     if permanent or not self._ever_opened:
                         self._fail_waiters(error)
+                    if isinstance(error, ConnectionLimitError) and self._lower_size():
+                        return  # the connections we have are what the server allows
+                    if suggests_server_gone(exc):
+                        self._invalidate(f"opening failed ({type(exc).__name__})")
                     if permanent or self._opening > 1 or self._demand() < 0:
                         return  # while opens fail, only the last opener keeps probing
                     # Try again with a fresh slot; the failed one may hold a half-made client.
                     fresh = PooledClient()
                     self._forget(pending)
-                    self._size_limiter.acquire_on_behalf_of_nowait(fresh)
+                    pending = None
+                    try:
+                        self._size_limiter.acquire_on_behalf_of_nowait(fresh)
+                    except trio.WouldBlock:
+                        self._opening -= 1
+                        return
                     pending = fresh
                     continue
                 self._opened += 1
                 pending.number = next(self._numbers)
+                now = trio.current_time()
+                pending.created_at = pending.last_used = now
+                pending.expires_at = now + config.max_lifetime * random.uniform(0.9, 1.0)
                 self._ever_opened = True
                 self._failures = 0
                 self._last_open_error = None
@@ -396,17 +569,38 @@ class Pool:
     def _open_failed(self, exc: BaseException) -> ConnectError:
         self._open_failures += 1
         self._failures += 1
-        delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        kind = ConnectError if isinstance(exc, trio.TooSlowError) else classify_open_error(exc)
+        if kind is ConnectionLimitError:
+            delay = LIMIT_BACKOFF * 2 ** min(self._failures - 1, 3)
+        else:
+            delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._failures - 1))
         self._next_attempt_at = trio.current_time() + delay * random.uniform(0.5, 1.0)
         if isinstance(exc, trio.TooSlowError):
             text = "timed out opening a connection"
         else:
             text = f"could not open a connection: {type(exc).__name__}: {exc}"
-        error = classify_open_error(exc)(f"{self.config.name}: {text}")
+        error = kind(f"{self.config.name}: {text}")
         error.__cause__ = exc
         self._last_open_error = error
         logger.warning("%s", error)
         return error
+
+    def _lower_size(self) -> bool:
+        """After a login refused for too many connections: make the connections we have the
+        pool's effective size, if we have any. Returns whether it did."""
+        others = self._size_limiter.borrowed_tokens - 1  # without the opener that failed
+        if others < 1:
+            return False
+        if others < self._size_limiter.total_tokens:
+            logger.warning(
+                "%s: the server allows no more connections: using %d of max_size %d",
+                self.config.name,
+                others,
+                self.config.max_size,
+            )
+            self._size_limiter.total_tokens = others
+        self._limit_lowered_at = trio.current_time()
+        return True
 
     def _fail_waiters(self, error: BaseException) -> None:
         """Wake every waiting task with (a copy of) *error*; they stop counting as waiting."""
@@ -566,6 +760,7 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             pool = Pool(config, nursery, thread_limiter=thread_limiter)
             pool._want_connections()
+            nursery.start_soon(pool._maintain_forever)
             try:
                 yield pool
             except BaseException as exc:

@@ -22,6 +22,10 @@ with deterministic messages::
         server.kick("alice")  # drop connections from the server side
         server.restart()  # same ports, same mail
 
+Faults and latency go through :func:`open_fault_proxy` (a Trio TCP proxy on 127.0.0.1 that can
+add latency per direction, stall, reset, blackhole, cut after N bytes and refuse connections),
+or :func:`start_proxy_thread` for blocking code.
+
 With pytest, the ``dovecot`` (session) and ``dovecot_factory`` fixtures of
 :mod:`trio_imappool.testing.pytest_plugin` are loaded automatically.
 
@@ -38,6 +42,13 @@ from ._dovecot import (
     find_dovecot,
     start_dovecot,
 )
+from ._proxy import (
+    FaultProxy,
+    ProxyStatistics,
+    ProxyThread,
+    open_fault_proxy,
+    start_proxy_thread,
+)
 from ._seed import make_message, message_date, seed_folders
 
 __all__ = [
@@ -46,9 +57,14 @@ __all__ = [
     "DovecotNotFoundError",
     "DovecotServer",
     "DovecotStartError",
+    "FaultProxy",
+    "ProxyStatistics",
+    "ProxyThread",
     "find_dovecot",
     "make_message",
     "message_date",
+    "open_fault_proxy",
     "seed_folders",
     "start_dovecot",
+    "start_proxy_thread",
 ]

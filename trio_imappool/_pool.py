@@ -115,7 +115,7 @@ class Pool:
         self._invalid_before = -math.inf
         self._limit_lowered_at: float | None = None
         self._noop_checks = 0
-        self._retired = 0
+        self._keepalives = 0
         self._acquires = 0
         self._acquire_waits = 0
         self._acquire_timeouts = 0
@@ -154,6 +154,9 @@ class Pool:
             connections_closed=self._closed_count,
             open_failures=self._open_failures,
             last_open_error=str(self._last_open_error) if self._last_open_error else None,
+            effective_max_size=int(self._size_limiter.total_tokens),
+            noop_checks=self._noop_checks,
+            keepalives=self._keepalives,
         )
 
     def _publish(self) -> None:
@@ -406,7 +409,6 @@ class Pool:
 
     def _retire(self, slot: PooledClient) -> None:
         """Close a healthy connection politely (LOGOUT) in the background."""
-        self._retired += 1
         self._in_use += 1  # busy with the pool's own work until the LOGOUT is done
         self._nursery.start_soon(self._logout_and_release, slot)
 
@@ -422,6 +424,7 @@ class Pool:
             self._publish()
 
     async def _keepalive(self, slot: PooledClient) -> None:
+        self._keepalives += 1
         try:
             with trio.move_on_after(self.config.connect_timeout):
                 await slot.run(self._thread_limiter, TrackingClient.noop, slot.client)
@@ -588,7 +591,7 @@ class Pool:
     def _lower_size(self) -> bool:
         """After a login refused for too many connections: make the connections we have the
         pool's effective size, if we have any. Returns whether it did."""
-        others = self._size_limiter.borrowed_tokens - 1  # without the opener that failed
+        others = self._idle + self._in_use  # the connections that exist, none being opened
         if others < 1:
             return False
         if others < self._size_limiter.total_tokens:

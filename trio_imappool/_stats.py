@@ -48,9 +48,14 @@ class PoolStatistics:
     ``acquire_timeouts``      checkouts that ended in :class:`~trio_imappool.PoolTimeout`
     ``connections_opened``    connections opened successfully
     ``connections_discarded`` connections dropped because they broke (errors, interruptions)
-    ``connections_closed``    connections closed by the pool while healthy (pool closing)
+    ``connections_closed``    connections closed by the pool while healthy (pool closing,
+                              ``max_idle``, ``max_lifetime``)
     ``open_failures``         failed attempts to open a connection
     ``last_open_error``       the text of the last failed open, or None after a success
+    ``effective_max_size``    ``max_size``, or less after the server refused logins for too
+                              many connections (raised again one by one every 30 s)
+    ``noop_checks``           NOOPs sent at checkout to connections idle for long
+    ``keepalives``            NOOPs sent to idle connections by the ``keepalive`` option
     ========================  ===============================================================
     """
 
@@ -71,6 +76,9 @@ class PoolStatistics:
     connections_closed: int
     open_failures: int
     last_open_error: str | None
+    effective_max_size: int
+    noop_checks: int
+    keepalives: int
 
     def __str__(self) -> str:
         return (

@@ -1,0 +1,108 @@
+"""The demo notebooks run headless, top to bottom, in this environment's Python.
+
+Each notebook in ``notebooks/`` is executed with nbclient in a kernel named ``python3`` (the name
+the notebooks carry). So that the kernel is this interpreter, whatever kernels the machine has
+installed, the tests put a ``python3`` kernelspec for ``sys.executable`` first on
+``JUPYTER_PATH``; a cell appended to the executed copy checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbclient
+import nbformat
+import pytest
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+
+# What each notebook must print (by file name); other notebooks only have to run cleanly.
+EXPECTED_OUTPUT: dict[str, list[str]] = {
+    "01-quickstart.ipynb": [
+        "{'INBOX': 30, 'Archive': 10}",
+        "INBOX has 30 messages; the first five:",
+        "Message 0 in INBOX",
+        "Message 4 in INBOX",
+        "INBOX: 30 messages, 30 unseen, 11 with 'Message 2' in the subject",
+        "Archive: 10 messages, 10 unseen, 1 with 'Message 2' in the subject",
+        "statistics: size=",
+        "acquires=7 ",
+        "impatient task gave up waiting: True",
+        "acquires=1 acquire_waits=2 acquire_timeouts=0 in_use=0",
+        "server running: False",
+    ],
+}
+
+_KERNEL_CHECK = "import sys\nimport trio_imappool\nprint('kernel:', sys.executable)"
+
+pytestmark = pytest.mark.skipif(not NOTEBOOKS, reason="no notebooks")
+
+
+@pytest.fixture
+def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the ``python3`` kernel this interpreter, ahead of any other installed spec."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (trio-imappool tests)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # IPython's profile and history, and Jupyter's connection files, stay out of $HOME.
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+
+
+def _read(path: Path) -> nbformat.NotebookNode:
+    nb: nbformat.NotebookNode = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+    return nb
+
+
+def _stream_text(cell: Any, name: str) -> str:
+    return "".join(
+        output["text"]
+        for output in cell.get("outputs", [])
+        if output["output_type"] == "stream" and output["name"] == name
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs(path: Path) -> None:
+    nb = _read(path)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: clear the outputs before committing"
+            assert cell.execution_count is None, f"{path.name}: clear the execution counts"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+@pytest.mark.usefixtures("python3_kernel")
+def test_notebook_runs_headless(path: Path) -> None:
+    nb = _read(path)
+    nb.cells.append(nbformat.v4.new_code_cell(_KERNEL_CHECK))  # type: ignore[no-untyped-call]
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=60,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+    )
+    client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
+
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    errors = [out for cell in code_cells for out in cell.outputs if out.output_type == "error"]
+    assert errors == []
+    stderr = "".join(_stream_text(cell, "stderr") for cell in code_cells)
+    assert stderr == "", f"{path.name} wrote to stderr:\n{stderr}"
+
+    assert _stream_text(code_cells[-1], "stdout") == f"kernel: {sys.executable}\n"
+    stdout = "".join(_stream_text(cell, "stdout") for cell in code_cells)
+    for expected in EXPECTED_OUTPUT.get(path.name, []):
+        assert expected in stdout, f"{path.name}: {expected!r} not printed:\n{stdout}"

@@ -49,8 +49,10 @@ def assert_consistent(pool: Pool) -> None:
 
 async def assert_settled(pool: Pool) -> None:
     """Nothing is checked out, nobody waits, and no worker thread is left running."""
-    with trio.fail_after(5):
+    with trio.move_on_after(5):
         await pool.counts.wait_value(lambda c: c.in_use == 0 and c.waiting == 0 and c.opening == 0)
         await trio.testing.wait_all_threads_completed()
+    counts = pool.counts.value
+    assert (counts.in_use, counts.waiting, counts.opening) == (0, 0, 0), pool.statistics()
     assert trio.testing.active_thread_count() == 0
     assert_consistent(pool)

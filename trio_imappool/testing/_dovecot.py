@@ -44,7 +44,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -226,6 +226,8 @@ class DovecotServer:
         dovecot_binary: str,
         doveadm_binary: str,
         ready_timeout: float,
+        tls: bool = True,
+        tls_identities: Sequence[str] = ("localhost", HOST),
     ) -> None:
         # Private: start_dovecot() makes the folder and calls this.
         import trustme
@@ -249,9 +251,12 @@ class DovecotServer:
         self._closed = False
         self.imap_port, self.imaps_port = _free_ports(2)
         self._first_start = True
+        #: Whether TLS is on: implicit TLS on imaps_port and STARTTLS on imap_port. Without it
+        #: Dovecot offers no STARTTLS and listens on imap_port only.
+        self.tls = tls
 
         self.ca = trustme.CA()
-        cert = self.ca.issue_cert("localhost", HOST)
+        cert = self.ca.issue_cert(*tls_identities)
         cert_path = base_dir / "cert.pem"
         key_path = base_dir / "key.pem"
         cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
@@ -411,7 +416,7 @@ state_dir = {base}/state
 log_path = {self.log_path}
 {internal}protocols = imap
 listen = {HOST}
-ssl = yes
+ssl = {"yes" if self.tls else "no"}
 ssl_cert = <{base}/cert.pem
 ssl_key = <{base}/key.pem
 disable_plaintext_auth = no
@@ -546,8 +551,9 @@ service anvil {{
                     client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     client.login(self.username, self.password)
                     client.select_folder("INBOX")
-                # The implicit-TLS listener is bound by the same master: a connect suffices.
-                socket.create_connection((self.host, self.imaps_port), timeout=1.0).close()
+                if self.tls:
+                    # The implicit-TLS listener is bound by the same master: a connect suffices.
+                    socket.create_connection((self.host, self.imaps_port), timeout=1.0).close()
                 break
             except (OSError, imapclient.exceptions.IMAPClientError) as exc:
                 last_error = exc
@@ -699,6 +705,8 @@ def start_dovecot(
     doveadm_binary: str | os.PathLike[str] | None = None,
     ready_timeout: float = 10.0,
     root_dir: str | os.PathLike[str] | None = None,
+    tls: bool = True,
+    tls_identities: Sequence[str] = ("localhost", HOST),
 ) -> Iterator[DovecotServer]:
     """Run a private Dovecot on 127.0.0.1 for the duration of a ``with`` block.
 
@@ -711,6 +719,10 @@ def start_dovecot(
         dovecot_binary: Path of ``dovecot``; ``None`` searches ``PATH`` and ``/usr/sbin``.
         doveadm_binary: Path of ``doveadm``; ``None`` searches ``PATH`` and ``/usr/bin``.
         ready_timeout: Seconds to wait for a LOGIN and SELECT INBOX to succeed.
+        tls: ``False`` for a server without TLS (``ssl = no``): no STARTTLS on the plain port,
+            no implicit-TLS listener. For testing clients that must refuse that.
+        tls_identities: The host names and addresses in the server certificate; give others
+            to test a client's host name check.
         root_dir: Where to make the server's folder; ``None`` for ``/dev/shm`` (in memory)
             when usable, else the temporary folder (``/tmp`` if that path is long: Unix socket
             paths must stay short). Dovecot's own users must be able to traverse it.
@@ -740,6 +752,8 @@ def start_dovecot(
             dovecot_binary=dovecot,
             doveadm_binary=doveadm,
             ready_timeout=ready_timeout,
+            tls=tls,
+            tls_identities=tls_identities,
         )
     except BaseException:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -762,4 +776,6 @@ class DovecotFactory(Protocol):
         doveadm_binary: str | os.PathLike[str] | None = None,
         ready_timeout: float = 10.0,
         root_dir: str | os.PathLike[str] | None = None,
+        tls: bool = True,
+        tls_identities: Sequence[str] = ...,
     ) -> DovecotServer: ...

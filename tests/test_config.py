@@ -20,7 +20,7 @@ def test_defaults_are_conservative_and_tls_on() -> None:
 
 
 def test_plain_and_starttls_default_to_port_143() -> None:
-    assert PoolConfig.build("h", username="u", password="p", ssl=False).port == 143
+    assert PoolConfig.build("localhost", username="u", password="p", ssl=False).port == 143
     starttls = PoolConfig.build("h", username="u", password="p", ssl=False, starttls=True)
     assert starttls.port == 143
 
@@ -54,7 +54,11 @@ def test_invalid_options_are_refused(options: dict[str, Any]) -> None:
 
 
 def test_missing_credentials_are_refused() -> None:
-    with pytest.raises(ConfigurationError, match="username= and password="):
+    with pytest.raises(ConfigurationError, match="either password= or oauth2_token="):
         PoolConfig.build("h", username="u")
+    with pytest.raises(ConfigurationError, match="either password= or oauth2_token="):
+        PoolConfig.build("h", username="u", password="p", oauth2_token=lambda refresh: "t")
+    with pytest.raises(ConfigurationError, match="username="):
+        PoolConfig.build("h", password="p")
     with pytest.raises(ConfigurationError, match="host"):
         PoolConfig.build("", username="u", password="p")

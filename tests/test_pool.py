@@ -41,10 +41,10 @@ def gated_open(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     gate = threading.Event()
     real_open = PooledClient.open_blocking
 
-    def open_when_allowed(self: PooledClient, config: Any) -> None:
+    def open_when_allowed(self: PooledClient, config: Any, token: str | None = None) -> None:
         if not gate.wait(10):
             raise TimeoutError("the test never opened the gate")
-        real_open(self, config)
+        real_open(self, config, token)
 
     monkeypatch.setattr(PooledClient, "open_blocking", open_when_allowed)
     return gate
@@ -538,6 +538,19 @@ async def test_leaving_the_block_logs_idle_connections_out(
     assert log.count(f"imap({account['username']})") >= 3 and "Logged out" in log
 
 
+async def test_closing_when_logout_fails_still_closes_quietly(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    async with open_pool(**account, min_size=2) as pool:
+        with trio.fail_after(5):
+            await pool.counts.wait_value(lambda c: c.idle == 2)
+        # The server drops them: the LOGOUTs of closing will fail.
+        await trio.to_thread.run_sync(dovecot.kick, account["username"])
+    stats = pool.statistics()
+    assert (stats.size, stats.connections_closed) == (0, 2)
+    await trio.testing.wait_all_threads_completed()
+
+
 async def test_leaving_the_block_by_cancellation_still_closes(account: dict[str, Any]) -> None:
     with trio.move_on_after(0.2):
         async with open_pool(**account, min_size=2) as pool:
@@ -624,7 +637,7 @@ async def test_a_wrong_password_fails_fast_typed_and_is_not_retried(
 
 
 async def test_an_unknown_host_fails_with_a_connect_error(
-    account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tls_account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The name lookup is faked so that no query leaves this machine; the pool sees the same
     # socket.gaierror that a real unknown name gives.
@@ -636,7 +649,7 @@ async def test_an_unknown_host_fails_with_a_connect_error(
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
-    async with open_pool(**dict(account, host="imap.nowhere.invalid")) as pool:
+    async with open_pool(**dict(tls_account, host="imap.nowhere.invalid")) as pool:
         with pytest.raises(ConnectError) as info:
             await pool.run_sync(IMAPClient.noop)
         await assert_settled(pool)

@@ -19,7 +19,6 @@ import contextlib
 import math
 import select
 import socket
-import ssl as ssl_lib
 import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -28,7 +27,12 @@ import trio
 from imapclient import IMAPClient, SocketTimeout
 
 from ._config import PoolConfig
-from ._errors import connection_survives, suggests_server_gone
+from ._errors import (
+    LoginDisabled,
+    StartTLSNotOffered,
+    connection_survives,
+    suggests_server_gone,
+)
 
 __all__ = ["PooledClient", "TrackingClient"]
 
@@ -105,11 +109,12 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         self.normalise_times = True
 
 
-def open_client(config: PoolConfig) -> TrackingClient:
+def open_client(config: PoolConfig, token: str | None = None) -> TrackingClient:
     """Connect, upgrade if asked, and log in. Blocking; runs in a worker thread.
 
     Every step is bounded: the connect timeout covers TCP connect, TLS handshake, greeting and
-    CAPABILITY; the login timeout covers STARTTLS and LOGIN.
+    CAPABILITY; the login timeout covers STARTTLS and the login. *token* is the OAuth2 access
+    token when the pool logs in with one.
     """
     client = TrackingClient(
         config.host,
@@ -122,14 +127,41 @@ def open_client(config: PoolConfig) -> TrackingClient:
         # imapclient writes some commands in two pieces; without this each costs a delayed ACK.
         client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if config.starttls:
-            client.starttls(config.ssl_context or ssl_lib.create_default_context())
-        client.login(config.username, config.password)
+            if not client.has_capability("STARTTLS"):
+                raise StartTLSNotOffered(
+                    "starttls=True but the server does not offer STARTTLS: refusing to log in "
+                    "without TLS"
+                )
+            client.starttls(config.ssl_context)
+        authenticate(client, config, token)
         client._timeout = SocketTimeout(connect=config.connect_timeout, read=config.read_timeout)
         client.socket().settimeout(config.read_timeout)
     except BaseException:
         close_client(client)
         raise
     return client
+
+
+def authenticate(client: IMAPClient, config: PoolConfig, token: str | None) -> None:
+    """Log in with the configured mechanism (see ``PoolConfig.auth_mechanism``)."""
+    mechanism = config.auth_mechanism
+    if token is not None:
+        if mechanism == "OAUTHBEARER":
+            client.oauthbearer_login(config.username, token)
+        else:
+            client.oauth2_login(config.username, token)
+        return
+    if mechanism == "auto" and client.has_capability("LOGINDISABLED"):
+        if not client.has_capability("AUTH=PLAIN"):
+            raise LoginDisabled(
+                "the server disables LOGIN on this connection and offers no AUTHENTICATE "
+                "PLAIN: it wants TLS (ssl=True or starttls=True)"
+            )
+        mechanism = "PLAIN"
+    if mechanism == "PLAIN":
+        client.plain_login(config.username, config.password)
+    else:
+        client.login(config.username, config.password)
 
 
 def close_client(client: TrackingClient) -> None:
@@ -281,9 +313,9 @@ class PooledClient:
         else:
             await trio.lowlevel.checkpoint()
 
-    def open_blocking(self, config: PoolConfig) -> None:
+    def open_blocking(self, config: PoolConfig, token: str | None = None) -> None:
         """Open the connection (in a worker thread, through :meth:`run`)."""
-        self.client = open_client(config)
+        self.client = open_client(config, token)
 
     def server_spoke(self) -> bool:
         """Whether the idle connection's socket is readable: the server closed it or sent

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import ssl as ssl_lib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
 
 from ._errors import ConfigurationError
 
-__all__ = ["PoolConfig"]
+__all__ = ["PoolConfig", "TokenProvider"]
+
+#: ``provider(refresh) -> token``, sync or async: see ``PoolConfig.oauth2_token``.
+TokenProvider: TypeAlias = Callable[[bool], str | Awaitable[str]]
 
 DEFAULT_MAX_SIZE = 10
 """Dovecot's default per-user-and-IP limit; Gmail allows about 15, Yahoo reportedly 5."""
@@ -25,10 +30,25 @@ class PoolConfig:
         host: The server's host name or address.
         port: The server's port (993 with implicit TLS, 143 otherwise, unless given).
         username: The account to log in as.
-        password: Its password (masked in ``repr``).
+        password: Its password (masked in ``repr``). Either this or ``oauth2_token``.
+        oauth2_token: A token provider for XOAUTH2/OAUTHBEARER: called as
+            ``oauth2_token(refresh)`` each time a connection is opened, sync or async, it returns
+            an access token; ``refresh`` is True when the server rejected the last one.
+        auth_mechanism: ``"auto"`` (LOGIN, or AUTHENTICATE PLAIN where the server disables
+            LOGIN; XOAUTH2 with a token), or one of ``"LOGIN"``, ``"PLAIN"``, ``"XOAUTH2"``,
+            ``"OAUTHBEARER"``.
         ssl: Implicit TLS (the default).
-        starttls: Plain connection upgraded with STARTTLS (``ssl`` must then be False).
-        ssl_context: The context for TLS; ``None`` means :func:`ssl.create_default_context`.
+        starttls: Plain connection upgraded with STARTTLS (``ssl`` must then be False). The
+            upgrade is required: a server without STARTTLS is refused, never used in plaintext.
+        ssl_context: The context for TLS, used as given (it must verify certificates unless
+            ``insecure_skip_tls_verify``, and allow nothing older than TLS 1.2). Without it the
+            pool makes one: the system's trust store (or ``ca_file``), host names checked,
+            TLS 1.2 or newer.
+        ca_file: A PEM file of CA certificates to trust instead of the system's.
+        insecure_skip_tls_verify: Accept any certificate for any name. Anyone on the network
+            path can then read the credentials; logged as a warning once per pool.
+        insecure_plaintext: Allow a connection without TLS to a host that is not a loopback
+            address (credentials in the clear); logged as a warning once per pool.
         min_size: Connections opened in the background and kept open.
         max_size: At most this many connections exist or are being opened at once.
         acquire_timeout: How long :meth:`~trio_imappool.Pool.connection` waits for a connection
@@ -54,10 +74,15 @@ class PoolConfig:
     host: str
     port: int
     username: str
-    password: str = dataclasses.field(repr=False)
+    password: str | None = dataclasses.field(default=None, repr=False)
+    oauth2_token: TokenProvider | None = dataclasses.field(default=None, repr=False)
+    auth_mechanism: str = "auto"
     ssl: bool = True
     starttls: bool = False
     ssl_context: ssl_lib.SSLContext | None = None
+    ca_file: str | None = None
+    insecure_skip_tls_verify: bool = False
+    insecure_plaintext: bool = False
     min_size: int = 0
     max_size: int = DEFAULT_MAX_SIZE
     acquire_timeout: float = 30.0
@@ -94,17 +119,21 @@ class PoolConfig:
             port = 993 if use_ssl else 143
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be an int from 1 to 65535, not {port!r}")
-        if "username" not in options or "password" not in options:
-            raise ConfigurationError("open_pool needs username= and password=")
-        _check_str("username", options["username"])
-        if not isinstance(options["password"], str):
-            raise ConfigurationError("password must be a str")
-        context = options.get("ssl_context")
-        if context is not None:
-            if not isinstance(context, ssl_lib.SSLContext):
-                raise ConfigurationError("ssl_context must be an ssl.SSLContext")
-            if not (use_ssl or starttls):
-                raise ConfigurationError("ssl_context was given but neither ssl nor starttls is on")
+        _check_credentials(options)
+        for key in ("insecure_skip_tls_verify", "insecure_plaintext"):
+            _check_bool(key, options.get(key, False))
+        if not (use_ssl or starttls):
+            if options.get("ssl_context") is not None or options.get("ca_file") is not None:
+                raise ConfigurationError(
+                    "ssl_context or ca_file was given but neither ssl nor starttls is on"
+                )
+            if not _is_loopback(host) and not options.get("insecure_plaintext", False):
+                raise ConfigurationError(
+                    f"refusing to send credentials without TLS to {host}: use ssl=True "
+                    "(port 993) or starttls=True, or pass insecure_plaintext=True if you must"
+                )
+        else:
+            options["ssl_context"] = _tls_context(options)
         min_size = options.get("min_size", 0)
         max_size = options.get("max_size", DEFAULT_MAX_SIZE)
         _check_int("min_size", min_size, minimum=0)
@@ -125,6 +154,72 @@ class PoolConfig:
             name = f"{options['username']}@{host}:{port}"
         _check_str("name", name)
         return cls(host=host, port=port, name=name, **options)
+
+
+MECHANISMS = ("auto", "LOGIN", "PLAIN", "XOAUTH2", "OAUTHBEARER")
+
+
+def _check_credentials(options: dict[str, Any]) -> None:
+    if "username" not in options:
+        raise ConfigurationError("open_pool needs username=")
+    _check_str("username", options["username"])
+    password = options.get("password")
+    token = options.get("oauth2_token")
+    if (password is None) == (token is None):
+        raise ConfigurationError("open_pool needs either password= or oauth2_token=")
+    if password is not None and not isinstance(password, str):
+        raise ConfigurationError("password must be a str")
+    if token is not None and not callable(token):
+        raise ConfigurationError("oauth2_token must be a callable returning an access token")
+    mechanism = options.get("auth_mechanism", "auto")
+    if mechanism not in MECHANISMS:
+        raise ConfigurationError(f"auth_mechanism must be one of {', '.join(MECHANISMS)}")
+    oauth = mechanism in ("XOAUTH2", "OAUTHBEARER")
+    if mechanism != "auto" and oauth != (token is not None):
+        need = "oauth2_token=" if oauth else "password="
+        raise ConfigurationError(f"auth_mechanism={mechanism!r} needs {need}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls_context(options: dict[str, Any]) -> ssl_lib.SSLContext:
+    """The context the pool will use: the caller's, checked, or one made here."""
+    context = options.get("ssl_context")
+    ca_file = options.get("ca_file")
+    insecure = options.get("insecure_skip_tls_verify", False)
+    if context is not None:
+        if not isinstance(context, ssl_lib.SSLContext):
+            raise ConfigurationError("ssl_context must be an ssl.SSLContext")
+        if ca_file is not None:
+            raise ConfigurationError("give ssl_context or ca_file, not both")
+        if not insecure and (
+            context.verify_mode != ssl_lib.CERT_REQUIRED or not context.check_hostname
+        ):
+            raise ConfigurationError(
+                "ssl_context does not verify certificates and host names: pass "
+                "insecure_skip_tls_verify=True if that is really meant"
+            )
+        if context.minimum_version < ssl_lib.TLSVersion.TLSv1_2:
+            raise ConfigurationError("ssl_context allows TLS older than 1.2: set minimum_version")
+        return context
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise ConfigurationError("ca_file must be a path (str)")
+    try:
+        context = ssl_lib.create_default_context(cafile=ca_file)
+    except (OSError, ssl_lib.SSLError) as exc:
+        raise ConfigurationError(f"cannot read ca_file {ca_file!r}: {exc}") from exc
+    context.minimum_version = ssl_lib.TLSVersion.TLSv1_2
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl_lib.CERT_NONE
+    return context
 
 
 def _check_str(key: str, value: object) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "PoolError",
     "PoolTimeout",
     "ReleasedConnectionError",
+    "TLSError",
 ]
 
 
@@ -67,6 +68,21 @@ class AuthenticationError(ConnectError):
 
     Never retried by the pool: retrying a wrong password only locks accounts out.
     """
+
+
+class TLSError(ConnectError):
+    """TLS could not be set up: the handshake failed, the certificate or host name did not
+    verify, or the server does not offer the STARTTLS that was asked for. The pool never falls
+    back to plaintext."""
+
+
+class StartTLSNotOffered(Exception):
+    """Raised while opening: ``starttls=True`` but the server does not offer STARTTLS."""
+
+
+class LoginDisabled(Exception):
+    """Raised while opening: the server disables LOGIN on this connection (LOGINDISABLED) and
+    offers no AUTHENTICATE PLAIN either; it wants TLS first."""
 
 
 class ConnectionLimitError(ConnectError):
@@ -130,6 +146,8 @@ def suggests_server_gone(exc: BaseException) -> bool:
 
 def classify_open_error(exc: BaseException) -> type[ConnectError]:
     """Which :class:`ConnectError` subclass describes a failure to open a connection."""
+    if isinstance(exc, ssl.SSLError | StartTLSNotOffered):
+        return TLSError
     if isinstance(exc, imap_exc.LoginError):
         text = str(exc).upper()
         if any(marker in text for marker in _LIMIT_MARKERS):
@@ -139,9 +157,9 @@ def classify_open_error(exc: BaseException) -> type[ConnectError]:
 
 
 def is_permanent_open_error(exc: BaseException) -> bool:
-    """Whether retrying the open cannot help: wrong credentials or a certificate that does not
-    verify."""
+    """Whether retrying the open cannot help: wrong credentials, a certificate that does not
+    verify, a server without the STARTTLS asked for or without a login it allows."""
     cause = exc.__cause__ if isinstance(exc, ConnectError) else exc
     if isinstance(exc, AuthenticationError):
         return True
-    return isinstance(cause, ssl.SSLCertVerificationError)
+    return isinstance(cause, ssl.SSLCertVerificationError | StartTLSNotOffered | LoginDisabled)

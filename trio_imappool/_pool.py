@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -14,12 +15,14 @@ from typing import Any, Final, TypeVar, TypeVarTuple
 
 import trio
 from imapclient import IMAPClient
+from imapclient.exceptions import LoginError
 from trio_util import AsyncValue
 
 from ._client import PooledClient, TrackingClient
 from ._config import PoolConfig
 from ._connection import Connection
 from ._errors import (
+    AuthenticationError,
     ConnectError,
     ConnectionLimitError,
     PoolClosedError,
@@ -126,6 +129,16 @@ class Pool:
         #: The live counts, updated on every change: ``await pool.counts.wait_value(lambda c:
         #: c.idle > 0)`` waits for an idle connection without polling.
         self.counts: Final = AsyncValue(PoolCounts(0, 0, 0, 0, 0))
+        if config.insecure_skip_tls_verify and (config.ssl or config.starttls):
+            logger.warning(
+                "%s: TLS certificates are NOT verified (insecure_skip_tls_verify=True): "
+                "anyone on the network path can read the credentials",
+                config.name,
+            )
+        if config.insecure_plaintext and not (config.ssl or config.starttls):
+            logger.warning(
+                "%s: credentials are sent WITHOUT TLS (insecure_plaintext=True)", config.name
+            )
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -410,18 +423,7 @@ class Pool:
     def _retire(self, slot: PooledClient) -> None:
         """Close a healthy connection politely (LOGOUT) in the background."""
         self._in_use += 1  # busy with the pool's own work until the LOGOUT is done
-        self._nursery.start_soon(self._logout_and_release, slot)
-
-    async def _logout_and_release(self, slot: PooledClient) -> None:
-        try:
-            with trio.move_on_after(self.config.logout_timeout):
-                await slot.run(self._thread_limiter, TrackingClient.logout, slot.client)
-        except Exception as exc:
-            logger.debug("%s: LOGOUT of #%d failed: %r", self.config.name, slot.number, exc)
-        finally:
-            self._in_use -= 1
-            self._drop(slot, discarded=False)
-            self._publish()
+        self._nursery.start_soon(self._logout, slot, True)
 
     async def _keepalive(self, slot: PooledClient) -> None:
         self._keepalives += 1
@@ -524,10 +526,7 @@ class Pool:
                 if self._demand() < 0:
                     return  # nobody needs it any more
                 try:
-                    with trio.fail_after(config.connect_timeout + config.login_timeout):
-                        await pending.run(
-                            self._thread_limiter, pending.open_blocking, config, grace=0.0
-                        )
+                    await self._connect(pending)
                 except (Exception, trio.TooSlowError) as exc:
                     error = self._open_failed(exc)
                     permanent = is_permanent_open_error(error)
@@ -568,6 +567,46 @@ class Pool:
                 self._opening -= 1
                 self._forget(pending)
             self._want_connections()
+
+    async def _connect(self, slot: PooledClient) -> None:
+        """One attempt to open *slot*'s connection, bounded by the connect and login timeouts.
+
+        With an OAuth2 token provider, a token the server rejects is asked for again once, with
+        ``refresh=True``, before the failure counts.
+        """
+        config = self.config
+        bound = config.connect_timeout + config.login_timeout
+        token = None if config.oauth2_token is None else await self._token(refresh=False)
+        with trio.fail_after(bound):
+            try:
+                await slot.run(self._thread_limiter, slot.open_blocking, config, token, grace=0.0)
+                return
+            except LoginError as exc:
+                if token is None or classify_open_error(exc) is not AuthenticationError:
+                    raise
+                logger.info("%s: the server rejected the token; refreshing it", config.name)
+        token = await self._token(refresh=True)
+        with trio.fail_after(bound):
+            await slot.run(self._thread_limiter, slot.open_blocking, config, token, grace=0.0)
+
+    async def _token(self, *, refresh: bool) -> str:
+        """Ask the configured provider for an access token (sync ones run in a thread)."""
+        provider = self.config.oauth2_token
+        assert provider is not None
+        try:
+            if inspect.iscoroutinefunction(provider):
+                result = await provider(refresh)
+            else:
+                result = await trio.to_thread.run_sync(provider, refresh, abandon_on_cancel=True)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            raise ConnectError(
+                f"{self.config.name}: the oauth2_token provider failed: {type(exc).__name__}"
+            ) from exc
+        if not isinstance(result, str) or not result:
+            raise ConnectError(f"{self.config.name}: the oauth2_token provider gave no token")
+        return result
 
     def _open_failed(self, exc: BaseException) -> ConnectError:
         self._open_failures += 1
@@ -648,17 +687,19 @@ class Pool:
         with trio.move_on_after(self.config.logout_timeout, shield=True):
             async with trio.open_nursery() as nursery:
                 for slot in idle:
-                    nursery.start_soon(self._logout, slot)
+                    nursery.start_soon(self._logout, slot, False)
         self._publish()
 
-    async def _logout(self, slot: PooledClient) -> None:
+    async def _logout(self, slot: PooledClient, busy: bool) -> None:
+        """LOGOUT (bounded by ``logout_timeout``), then close. Never raises but Cancelled."""
         try:
-            await slot.run(self._thread_limiter, TrackingClient.logout, slot.client)
-        except BaseException:
-            if slot.broken is None:
-                slot.broken = "LOGOUT failed"
-            raise
+            with trio.move_on_after(self.config.logout_timeout):
+                await slot.run(self._thread_limiter, TrackingClient.logout, slot.client)
+        except Exception as exc:
+            logger.debug("%s: LOGOUT of #%d failed: %r", self.config.name, slot.number, exc)
         finally:
+            if busy:
+                self._in_use -= 1
             self._drop(slot, discarded=False)
 
     async def _wait_for_orphans(self) -> None:

@@ -19,7 +19,7 @@
     trio.run(main)
 """
 
-from ._config import PoolConfig
+from ._config import PoolConfig, TokenProvider
 from ._connection import COMMANDS, Connection
 from ._errors import (
     AuthenticationError,
@@ -30,6 +30,7 @@ from ._errors import (
     PoolError,
     PoolTimeout,
     ReleasedConnectionError,
+    TLSError,
 )
 from ._pool import Pool, open_pool
 from ._stats import PoolCounts, PoolStatistics
@@ -51,5 +52,7 @@ __all__ = [
     "PoolStatistics",
     "PoolTimeout",
     "ReleasedConnectionError",
+    "TLSError",
+    "TokenProvider",
     "open_pool",
 ]

@@ -1,0 +1,942 @@
+"""Fan-out: bulk work over many folders and UIDs, spread over pooled connections.
+
+An IMAP connection runs one command at a time, and over a real network every command costs a
+round trip: fetching 50,000 messages one FETCH at a time on one connection costs 50,000 round
+trips. The functions here split the work into batches (one command for up to ``batch_size``
+UIDs), run the batches concurrently from up to ``max_connections`` tasks in a nursery, each on a
+connection checked out of the pool, and either stream the results back as they arrive
+(:func:`fetch_many`) or wait for all of them (:func:`search_many`, :func:`add_flags_many`,
+:func:`remove_flags_many`, :func:`copy_many`, :func:`move_many`)::
+
+    async with fetch_many(pool, {"INBOX": uids, "Archive": "ALL"}, ["BODY.PEEK[]"]) as results:
+        async for folder, uid, data in results:
+            save(folder, uid, data[b"BODY[]"])
+
+**What each folder gets.** A UID list (any iterable of ints), or search criteria (a string such
+as ``"ALL"``, or a list such as ``["UNSEEN"]`` or ``["SINCE", date(2026, 1, 1)]``: anything with
+a string in it), searched first on a pooled connection.
+
+**How the work is spread.** Searches run first, and the connection that searched a folder goes
+on with that folder's first batches, so one SELECT serves both. A task keeps its connection for
+the next batch of the same folder (no second SELECT) unless other tasks are waiting for a
+connection; when it has to change folders it releases the connection and checks one out again,
+so other users of the pool get their turn. Tasks spread over the folders, the least-worked
+folder first, so that each SELECT serves as many batches as it can.
+
+**Errors.** The first batch that fails stops the whole operation: the other tasks are
+cancelled, and :class:`FanOutError` (with the folder, the batch's UIDs, and the original
+exception as ``__cause__``) is raised once, never inside an exception group. Nothing is retried:
+a STORE, COPY or MOVE that failed may or may not have reached the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+import trio
+from trio_util import AsyncValue
+
+from ._errors import PoolError
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._pool import Pool
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "FanOutError",
+    "FetchResults",
+    "Progress",
+    "add_flags_many",
+    "copy_many",
+    "fetch_many",
+    "move_many",
+    "remove_flags_many",
+    "search_many",
+]
+
+#: UIDs per command unless the caller says otherwise.
+DEFAULT_BATCH_SIZE: Final = 200
+
+Criteria: TypeAlias = str | bytes | Sequence[Any]
+"""IMAP search criteria as imapclient takes them: ``"ALL"``, ``["UNSEEN", "SINCE", date]``."""
+
+Messages: TypeAlias = Iterable[int] | Criteria
+"""What to work on in one folder: its UIDs, or criteria to search for them."""
+
+# How a folder must be selected for an operation: exactly read-only (FETCH: never sets \Seen),
+# read-write (STORE, MOVE), or either (SEARCH, COPY).
+_Mode: TypeAlias = Literal["read-only", "read-write", "any"]
+
+_SHOWN_UID_CHARS: Final = 60
+
+
+# -- the public results ----------------------------------------------------------------------
+
+
+class FanOutError(PoolError):
+    """One batch of a fan-out operation failed; the rest of the operation was cancelled.
+
+    The original exception (imapclient's, or the pool's own such as
+    :class:`~trio_imappool.PoolTimeout`) is ``__cause__``; the message names the folder and the
+    UIDs.
+
+    Attributes:
+        folder: The folder of the failed batch.
+        uids: The UIDs of the failed batch, ascending; empty when the search for the folder's
+            messages failed.
+        operation: ``"SEARCH"``, ``"FETCH"``, ``"STORE"``, ``"COPY"`` or ``"MOVE"``.
+    """
+
+    def __init__(
+        self, message: str, *, folder: str, uids: Sequence[int], operation: str
+    ) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.uids: tuple[int, ...] = tuple(uids)
+        self.operation = operation
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of a :func:`fetch_many`, from :attr:`FetchResults.progress`.
+
+    A message counts as done when the iteration has handed it to the caller, or when the server
+    did not return it (expunged meanwhile: it is skipped). Totals are known once every folder's
+    search has finished; until then they are None.
+
+    ==================  =============================================================
+    field               meaning
+    ==================  =============================================================
+    ``messages_total``  messages to fetch in all (None while searches are running)
+    ``messages_done``   messages handed to the caller, plus those skipped
+    ``bytes_done``      bytes of the ``bytes`` values (bodies, headers) handed over
+    ``batches_total``   FETCH commands in all (None while searches are running)
+    ``batches_done``    batches whose every message is done
+    ``folders_total``   folders asked for
+    ``folders_done``    folders whose every batch is done
+    ==================  =============================================================
+    """
+
+    messages_total: int | None
+    messages_done: int
+    bytes_done: int
+    batches_total: int | None
+    batches_done: int
+    folders_total: int
+    folders_done: int
+
+    @property
+    def complete(self) -> bool:
+        """Whether every message of every folder is done."""
+        return self.folders_done == self.folders_total
+
+    def __str__(self) -> str:
+        total = "?" if self.messages_total is None else self.messages_total
+        batches = "?" if self.batches_total is None else self.batches_total
+        return (
+            f"{self.messages_done}/{total} messages, {self.bytes_done} bytes, "
+            f"{self.batches_done}/{batches} batches, "
+            f"{self.folders_done}/{self.folders_total} folders"
+        )
+
+
+class _Tracker:
+    """Counts progress and publishes it as an AsyncValue. Synchronous."""
+
+    def __init__(self, folders: int) -> None:
+        self._unplanned = folders
+        self._messages_total = 0
+        self._batches_total = 0
+        self._left: dict[str, int] = {}  # folder -> batches not done yet
+        self._progress = Progress(None, 0, 0, None, 0, folders, 0)
+        self.value: Final = AsyncValue(self._progress)
+
+    def _publish(self, **changes: Any) -> None:
+        self._progress = dataclasses.replace(self._progress, **changes)
+        self.value.value = self._progress
+
+    def planned(self, folder: str, messages: int, batches: int) -> None:
+        """A folder's work is known: *messages* in *batches*."""
+        self._unplanned -= 1
+        self._messages_total += messages
+        self._batches_total += batches
+        changes: dict[str, Any] = {}
+        if not self._unplanned:
+            changes.update(messages_total=self._messages_total, batches_total=self._batches_total)
+        if batches:
+            self._left[folder] = batches
+        else:
+            changes.update(folders_done=self._progress.folders_done + 1)
+        self._publish(**changes)
+
+    def done(self, folder: str, messages: int, size: int, *, batch_done: bool) -> None:
+        """*messages* of *folder* (of *size* bytes) are done, and maybe their batch."""
+        p = self._progress
+        changes: dict[str, Any] = {
+            "messages_done": p.messages_done + messages,
+            "bytes_done": p.bytes_done + size,
+        }
+        if batch_done:
+            changes["batches_done"] = p.batches_done + 1
+            self._left[folder] -= 1
+            if not self._left[folder]:
+                del self._left[folder]
+                changes["folders_done"] = p.folders_done + 1
+        self._publish(**changes)
+
+
+# -- planning: the caller's folders, checked before anything starts ----------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Search:
+    criteria: Criteria
+
+
+def _is_uid(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _normalise(folders: Mapping[str, Messages]) -> dict[str, Sequence[int] | _Search]:
+    """Tell UID sets from search criteria; sort and deduplicate UIDs. Raises TypeError."""
+    if not isinstance(folders, Mapping):
+        raise TypeError(f"folders must be a mapping of folder -> UIDs or criteria, not {folders!r}")
+    plan: dict[str, Sequence[int] | _Search] = {}
+    for folder, spec in folders.items():
+        if not isinstance(folder, str):
+            raise TypeError(f"folder names must be str, not {folder!r}")
+        if isinstance(spec, str | bytes):
+            plan[folder] = _Search(spec)
+        elif isinstance(spec, range) and spec.step > 0 and (not spec or spec.start >= 1):
+            plan[folder] = spec
+        else:
+            items = list(spec)
+            if all(_is_uid(item) for item in items):
+                plan[folder] = sorted(set(items))
+            elif any(isinstance(item, str | bytes) for item in items):
+                plan[folder] = _Search(items)
+            else:
+                raise TypeError(
+                    f"folder {folder!r}: expected UIDs (ints >= 1) or search criteria "
+                    f"(a str, or a list with a str in it), got {spec!r}"
+                )
+    return plan
+
+
+def _check_sizes(pool: Pool, batch_size: int, max_connections: int | None) -> int:
+    """Validate; return how many tasks to run (never more than the pool's size)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
+    size = pool.config.max_size
+    if max_connections is None:
+        return size
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ValueError(f"max_connections must be an int >= 1 or None, not {max_connections!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+    return min(max_connections, size)
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """UIDs as a compact IMAP set ("1:200,205"), shortened for messages."""
+    parts: list[str] = []
+    start = prev = None
+    for uid in uids:
+        if prev is not None and uid == prev + 1:
+            prev = uid
+            continue
+        if start is not None:
+            parts.append(f"{start}" if start == prev else f"{start}:{prev}")
+        start = prev = uid
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}:{prev}")
+    text = ",".join(parts)
+    if len(text) > _SHOWN_UID_CHARS:
+        text = text[: _SHOWN_UID_CHARS - 3].rsplit(",", 1)[0] + ",..."
+    return text
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Work:
+    """One command's worth of work: a batch of UIDs, or the search of a folder."""
+
+    folder: str
+    uids: Sequence[int] = ()
+    search: _Search | None = None
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Delivery:
+    """A fetched batch on its way to the caller."""
+
+    folder: str
+    messages: collections.deque[tuple[int, dict[bytes, Any]]]
+    skipped: int
+
+
+# Runs one batch on a connection that has the batch's folder selected; a delivery for the
+# caller (fetch) or None (the other operations).
+_RunBatch: TypeAlias = Callable[["Connection", _Work], Awaitable[_Delivery | None]]
+
+
+class _Cursor:
+    """What a worker task is working on, for the error message if it fails."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: _Work) -> None:
+        self.work = work
+
+
+class _FanOut:
+    """Runs the work of one fan-out operation on up to *workers* pooled connections.
+
+    The decisions (which batch next, when to stop) are synchronous methods; the workers do the
+    I/O. :meth:`run` never raises a batch's error: it records the first one in
+    :attr:`error` and cancels the other workers.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        plan: Mapping[str, Sequence[int] | _Search],
+        *,
+        operation: str,
+        mode: _Mode,
+        batch_size: int,
+        workers: int,
+        run_batch: _RunBatch | None,
+        send: trio.MemorySendChannel[_Delivery] | None = None,
+        charset: str | None = None,
+    ) -> None:
+        self._pool = pool
+        self.operation = operation
+        self._mode = mode
+        self._batch_size = batch_size
+        self._workers = workers
+        self._run_batch = run_batch
+        self._send = send
+        self._charset = charset
+        self.tracker: Final = _Tracker(len(plan))
+        self.found: dict[str, list[int]] = {}
+        self.error: FanOutError | None = None
+        self._error_reported = False
+        self._cancel_scope = trio.CancelScope()
+        self._searches: collections.deque[_Work] = collections.deque()
+        self._batches: dict[str, collections.deque[_Work]] = {}
+        self._busy: collections.Counter[str] = collections.Counter()
+        self._searching = 0
+        self._changed = trio.Event()
+        for folder, spec in plan.items():
+            if isinstance(spec, _Search):
+                self._searches.append(_Work(folder, search=spec))
+            else:
+                self._plan(folder, spec)
+
+    # -- decisions (synchronous) --
+
+    def _plan(self, folder: str, uids: Sequence[int]) -> None:
+        size = self._batch_size
+        batches = [_Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
+        if batches and self._run_batch is not None:
+            self._batches[folder] = collections.deque(batches)
+        self.tracker.planned(folder, len(uids), len(batches))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _take(self, previous: str | None) -> _Work | None:
+        """The next work for a worker whose connection has *previous* selected: more of the
+        same folder, else a search, else the least-worked folder with the most batches left."""
+        if previous is not None:
+            self._busy[previous] -= 1
+        queue = self._batches.get(previous) if previous is not None else None
+        if queue:
+            work = queue.popleft()
+        elif self._searches:
+            work = self._searches.popleft()
+            self._searching += 1
+        elif self._batches:
+            folder = min(self._batches, key=lambda f: (self._busy[f], -len(self._batches[f])))
+            queue = self._batches[folder]
+            work = queue.popleft()
+        else:
+            return None
+        if queue is not None and not queue:
+            del self._batches[work.folder]
+        self._busy[work.folder] += 1
+        return work
+
+    def _finished(self) -> bool:
+        """Whether no more work can appear (no search is pending or running)."""
+        return not self._searches and not self._searching
+
+    def _fail(self, work: _Work, exc: Exception) -> None:
+        if self.error is None:
+            if work.search is not None:
+                what = f"search for {work.search.criteria!r}"
+            else:
+                what = f"UIDs {_uid_set(work.uids)} ({len(work.uids)} messages)"
+            operation = "SEARCH" if work.search is not None else self.operation
+            error = FanOutError(
+                f"{self._pool.config.name}: {operation} of {what} in folder {work.folder!r} "
+                f"failed: {type(exc).__name__}: {exc}",
+                folder=work.folder,
+                uids=work.uids,
+                operation=operation,
+            )
+            error.__cause__ = exc
+            self.error = error
+        self._cancel_scope.cancel()
+
+    def take_error(self) -> FanOutError | None:
+        """The error, the first time it is asked for; None after that (raised once)."""
+        if self._error_reported:
+            return None
+        self._error_reported = True
+        return self.error
+
+    # -- I/O --
+
+    async def run(self) -> None:
+        """Run all the work; closes the delivery channel when done, however it ends."""
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self._workers):
+                        nursery.start_soon(self._worker)
+        finally:
+            if self._send is not None:
+                self._send.close()
+
+    async def _worker(self) -> None:
+        work = self._take(None)
+        cursor = _Cursor(work or _Work(""))
+        try:
+            while True:
+                if work is None:
+                    if self._finished():
+                        return
+                    await self._changed.wait()
+                    work = self._take(None)
+                    continue
+                cursor.work = work
+                work = await self._run_on_one_connection(cursor)
+        except Exception as exc:  # the first error stops everything; see _fail
+            self._fail(cursor.work, exc)
+
+    async def _run_on_one_connection(self, cursor: _Cursor) -> _Work | None:
+        """Check out a connection and work on it while the folder stays the same. Returns the
+        next work taken (of another folder), or None."""
+        work = cursor.work
+        undelivered: _Delivery | None = None
+        async with self._pool.connection() as conn:
+            while True:
+                cursor.work = work
+                await self._select(conn, work.folder)
+                if work.search is not None:
+                    await self._search(conn, work.folder, work.search)
+                else:
+                    assert self._run_batch is not None
+                    delivery = await self._run_batch(conn, work)
+                    if delivery is not None and not self._deliver_nowait(delivery):
+                        undelivered = delivery
+                following = self._take(work.folder)
+                if (
+                    undelivered is not None
+                    or following is None
+                    or following.folder != work.folder
+                    or self._pool.counts.value.waiting
+                ):
+                    break
+                work = following
+        if undelivered is not None:
+            # The caller is busy: wait for it without holding a connection (backpressure).
+            assert self._send is not None
+            await self._send.send(undelivered)
+        return following
+
+    def _deliver_nowait(self, delivery: _Delivery) -> bool:
+        assert self._send is not None
+        try:
+            self._send.send_nowait(delivery)
+        except trio.WouldBlock:
+            return False
+        return True
+
+    async def _select(self, conn: Connection, folder: str) -> None:
+        selected, readonly = conn.selected_folder, conn.readonly
+        if selected == folder and (
+            self._mode == "any" or readonly == (self._mode == "read-only")
+        ):
+            return
+        await conn.select_folder(folder, readonly=self._mode != "read-write")
+
+    async def _search(self, conn: Connection, folder: str, search: _Search) -> None:
+        found = await conn.search(search.criteria, self._charset)
+        uids = sorted({int(uid) for uid in found})
+        self.found[folder] = uids
+        self._searching -= 1
+        self._plan(folder, uids)
+
+
+# -- fetch_many ------------------------------------------------------------------------------
+
+
+class FetchResults:
+    """The messages of a :func:`fetch_many`, as they arrive: ``(folder, uid, data)``.
+
+    An async iterator; ``data`` is imapclient's dict for the message (``{b"BODY[]": ...,
+    b"SEQ": ...}``). Messages come in batches, ascending by UID within a batch; batches of
+    different folders interleave. Iterate it inside the ``async with`` block only.
+    """
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[_Delivery], fanout: _FanOut) -> None:
+        self._receive = receive
+        self._fanout = fanout
+        self._tracker = fanout.tracker
+        self._current: _Delivery | None = None
+        self._receiving = False
+        self._body_scope = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<FetchResults {self.progress}>"
+
+    @property
+    def progress(self) -> Progress:
+        """The progress now (a frozen snapshot)."""
+        progress: Progress = self._tracker.value.value
+        return progress
+
+    @property
+    def progress_value(self) -> AsyncValue[Progress]:
+        """The progress as a :class:`trio_util.AsyncValue`, updated on every message: wait for
+        a state without polling, e.g. ``await results.progress_value.wait_value(lambda p:
+        p.messages_done >= 1000)``, or drive a progress bar with ``eventual_values()``."""
+        return self._tracker.value
+
+    def __aiter__(self) -> FetchResults:
+        return self
+
+    async def __anext__(self) -> tuple[str, int, dict[bytes, Any]]:
+        """The next message.
+
+        Raises:
+            StopAsyncIteration: Every message has been handed over.
+            FanOutError: A batch failed (raised once; the other batches were cancelled).
+            trio.ClosedResourceError: The ``async with`` block has ended.
+
+        **Cancellation**: a checkpoint; a cancelled call loses no message.
+        """
+        delivery = self._current
+        if delivery is not None and delivery.messages:
+            await trio.lowlevel.checkpoint()
+        else:
+            delivery = await self._next_delivery()
+        uid, data = delivery.messages.popleft()
+        size = sum(len(value) for value in data.values() if isinstance(value, bytes))
+        self._tracker.done(delivery.folder, 1, size, batch_done=not delivery.messages)
+        return delivery.folder, uid, data
+
+    async def _next_delivery(self) -> _Delivery:
+        while True:
+            self._receiving = True
+            try:
+                delivery = await self._receive.receive()
+            except trio.EndOfChannel:
+                error = self._fanout.take_error()
+                if error is not None:
+                    raise error from error.__cause__
+                raise StopAsyncIteration from None
+            except trio.ClosedResourceError:
+                raise trio.ClosedResourceError(
+                    "the fetch_many() block has ended: iterate the results inside it"
+                ) from None
+            finally:
+                self._receiving = False
+            self._current = delivery
+            if delivery.messages:
+                if delivery.skipped:
+                    self._tracker.done(delivery.folder, delivery.skipped, 0, batch_done=False)
+                return delivery
+            self._tracker.done(delivery.folder, delivery.skipped, 0, batch_done=True)
+
+
+def fetch_many(
+    pool: Pool,
+    folders: Mapping[str, Messages],
+    data: Sequence[str | bytes] | str | bytes,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_connections: int | None = None,
+) -> AbstractAsyncContextManager[FetchResults]:
+    """Fetch messages of many folders concurrently, streaming them as they arrive.
+
+    ::
+
+        async with fetch_many(
+            pool, {"INBOX": uids, "Archive": "ALL"}, ["ENVELOPE", "BODY.PEEK[]"]
+        ) as results:
+            async for folder, uid, data in results:
+                print(folder, uid, data[b"ENVELOPE"].subject, len(data[b"BODY[]"]))
+                bar.update(results.progress.messages_done)
+
+    Each batch is one ``UID FETCH`` of up to *batch_size* UIDs, on a connection that has the
+    folder selected read-only (EXAMINE), so nothing, not even ``\\Seen``, changes. Messages
+    that the server does not return (expunged meanwhile) are skipped and count as done in
+    :attr:`FetchResults.progress`.
+
+    **Memory is bounded** whatever the mailbox size: each task holds at most one fetched batch
+    and waits, without holding a connection, until the caller takes it. So a slow caller slows
+    the fetching instead of buffering the mailbox: memory is about ``(max_connections + 1) *
+    batch_size`` messages (plus the UID lists themselves).
+
+    Args:
+        pool: The pool to check connections out of.
+        folders: Folder -> its UIDs (any iterable of ints), or search criteria (a str such as
+            ``"ALL"``, or a list with a str in it such as ``["UNSEEN"]``).
+        data: What to fetch, as for :meth:`imapclient.IMAPClient.fetch`
+            (``["BODY.PEEK[]"]``, ``["ENVELOPE", "FLAGS"]``).
+        batch_size: UIDs per FETCH.
+        max_connections: Connections used at once; default and upper bound the pool's
+            ``max_size``.
+
+    Returns:
+        An async context manager giving :class:`FetchResults`.
+
+    Raises:
+        TypeError: A folder's value is neither UIDs nor criteria (raised by the call).
+        ValueError: *batch_size* or *max_connections* is not a positive int (by the call).
+        FanOutError: A search or a batch failed, with the folder, the UIDs and the original as
+            ``__cause__``. It is raised by the iteration if the caller is waiting in it, else
+            the block is cancelled (like a nursery's body when a child fails) and the error
+            comes out of the ``async with``. Raised once: if the iteration raised it, leaving
+            the block does not raise it again. Never in an exception group.
+
+    **Cancellation**: entering the block is a checkpoint. Leaving it, by the end of the block,
+    ``break``, an exception or a cancellation, cancels the fetching tasks at once (a command in
+    flight is interrupted and its connection discarded; the others go back to the pool) and
+    waits for them, which takes milliseconds. An exception raised in the block comes out of it
+    unchanged.
+    """
+    plan = _normalise(folders)
+    workers = _check_sizes(pool, batch_size, max_connections)
+    fields = [data] if isinstance(data, str | bytes) else list(data)
+    if not fields:
+        raise ValueError("fetch_many() needs at least one data item to fetch")
+    return _fetch_many(pool, plan, fields, batch_size, workers)
+
+
+@asynccontextmanager
+async def _fetch_many(
+    pool: Pool,
+    plan: Mapping[str, Sequence[int] | _Search],
+    fields: list[str | bytes],
+    batch_size: int,
+    workers: int,
+) -> AsyncIterator[FetchResults]:
+    async def fetch_batch(conn: Connection, work: _Work) -> _Delivery:
+        fetched: dict[int, dict[bytes, Any]] = await conn.fetch(list(work.uids), fields)
+        messages = collections.deque(
+            (uid, fetched.pop(uid)) for uid in work.uids if uid in fetched
+        )
+        return _Delivery(work.folder, messages, len(work.uids) - len(messages))
+
+    await trio.lowlevel.checkpoint()
+    send, receive = trio.open_memory_channel[_Delivery](0)
+    fanout = _FanOut(
+        pool,
+        plan,
+        operation="FETCH",
+        mode="read-only",
+        batch_size=batch_size,
+        workers=workers,
+        run_batch=fetch_batch,
+        send=send,
+    )
+    results = FetchResults(receive, fanout)
+
+    async def produce() -> None:
+        await fanout.run()
+        if fanout.error is not None and not results._receiving:
+            # The caller is not waiting in the iteration: cancel the block, as a nursery
+            # cancels its body when a child fails; the error comes out of the async with.
+            results._body_scope.cancel()
+
+    body_error: BaseException | None = None
+    with receive:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            try:
+                with results._body_scope:
+                    yield results
+            except BaseException as exc:
+                # Kept out of the nursery so that it is not wrapped in an exception group.
+                body_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
+    error = fanout.take_error()
+    if error is not None:
+        raise error from error.__cause__
+
+
+# -- the operations that run to the end --------------------------------------------------------
+
+
+async def _run_to_end(fanout: _FanOut) -> None:
+    await trio.lowlevel.checkpoint_if_cancelled()
+    await fanout.run()
+    error = fanout.take_error()
+    if error is not None:
+        raise error from error.__cause__
+    await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def search_many(
+    pool: Pool,
+    folders: Iterable[str],
+    criteria: Criteria = "ALL",
+    *,
+    charset: str | None = None,
+    max_connections: int | None = None,
+) -> dict[str, list[int]]:
+    """Search many folders concurrently, one SEARCH per folder.
+
+    ::
+
+        unseen = await search_many(pool, ["INBOX", "Lists/trio", "Archive"], ["UNSEEN"])
+        total = sum(len(uids) for uids in unseen.values())
+
+    Args:
+        pool: The pool to check connections out of.
+        folders: The folders to search.
+        criteria: As for :meth:`imapclient.IMAPClient.search`.
+        charset: As for :meth:`imapclient.IMAPClient.search`.
+        max_connections: Connections used at once; default and upper bound the pool's
+            ``max_size``.
+
+    Returns:
+        Folder -> matching UIDs (ascending), in the order of *folders*.
+
+    Raises:
+        ValueError: *max_connections* is not a positive int.
+        FanOutError: A search failed (``uids`` is empty); the others were cancelled.
+
+    **Cancellation**: a checkpoint. A cancellation interrupts the searches in flight (their
+    connections are discarded), returns the other connections, and propagates.
+    """
+    names = list(dict.fromkeys(folders))
+    if any(not isinstance(name, str) for name in names):
+        raise TypeError(f"folder names must be str: {names!r}")
+    fanout = _FanOut(
+        pool,
+        {name: _Search(criteria) for name in names},
+        operation="SEARCH",
+        mode="any",
+        batch_size=1,
+        workers=_check_sizes(pool, 1, max_connections),
+        run_batch=None,
+        charset=charset,
+    )
+    await _run_to_end(fanout)
+    return {name: fanout.found[name] for name in names}
+
+
+def _flags_runner(name: str, flags: Sequence[str | bytes]) -> _RunBatch:
+    async def run(conn: Connection, work: _Work) -> None:
+        await getattr(conn, name)(list(work.uids), flags, silent=True)
+
+    return run
+
+
+def _copy_runner(name: str, destination: str) -> _RunBatch:
+    async def run(conn: Connection, work: _Work) -> None:
+        await getattr(conn, name)(list(work.uids), destination)
+
+    return run
+
+
+async def _store_many(
+    pool: Pool,
+    messages: Mapping[str, Messages],
+    flags: Sequence[str | bytes] | str | bytes,
+    name: str,
+    batch_size: int,
+    max_connections: int | None,
+) -> None:
+    flag_list = [flags] if isinstance(flags, str | bytes) else list(flags)
+    fanout = _FanOut(
+        pool,
+        _normalise(messages),
+        operation="STORE",
+        mode="read-write",
+        batch_size=batch_size,
+        workers=_check_sizes(pool, batch_size, max_connections),
+        run_batch=_flags_runner(name, flag_list),
+    )
+    await _run_to_end(fanout)
+
+
+async def add_flags_many(
+    pool: Pool,
+    messages: Mapping[str, Messages],
+    flags: Sequence[str | bytes] | str | bytes,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_connections: int | None = None,
+) -> None:
+    """Add flags to messages of many folders, one ``UID STORE +FLAGS.SILENT`` per batch.
+
+    ::
+
+        await add_flags_many(pool, {"INBOX": uids, "Lists/trio": ["UNSEEN"]}, [r"\\Seen"])
+
+    Args:
+        pool: The pool to check connections out of.
+        messages: Folder -> UIDs, or search criteria (searched first), as for
+            :func:`fetch_many`. UIDs that no longer exist are ignored by the server.
+        flags: The flags to add (``r"\\Seen"``, ``[r"\\Flagged", "$Label1"]``).
+        batch_size: UIDs per STORE.
+        max_connections: Connections used at once; default and upper bound the pool's
+            ``max_size``.
+
+    Raises:
+        TypeError, ValueError: Invalid arguments, before anything is sent.
+        FanOutError: A batch failed; the batches in flight were interrupted, the others not
+            started. Batches done before stay done: nothing is rolled back or retried.
+
+    **Cancellation**: a checkpoint. A cancellation interrupts the batches in flight (they may
+    or may not have been applied; their connections are discarded) and starts no more.
+    """
+    await _store_many(pool, messages, flags, "add_flags", batch_size, max_connections)
+
+
+async def remove_flags_many(
+    pool: Pool,
+    messages: Mapping[str, Messages],
+    flags: Sequence[str | bytes] | str | bytes,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_connections: int | None = None,
+) -> None:
+    """Remove flags from messages of many folders, one ``UID STORE -FLAGS.SILENT`` per batch.
+
+    ::
+
+        await remove_flags_many(pool, {"INBOX": ["FLAGGED"]}, [r"\\Flagged"])
+
+    Arguments, errors and cancellation as for :func:`add_flags_many`.
+
+    **Cancellation**: a checkpoint. A cancellation interrupts the batches in flight (they may
+    or may not have been applied; their connections are discarded) and starts no more.
+    """
+    await _store_many(pool, messages, flags, "remove_flags", batch_size, max_connections)
+
+
+async def _transfer_many(
+    pool: Pool,
+    messages: Mapping[str, Messages],
+    destination: str,
+    operation: Literal["COPY", "MOVE"],
+    batch_size: int,
+    max_connections: int | None,
+) -> None:
+    if not isinstance(destination, str):
+        raise TypeError(f"destination must be a folder name (str), not {destination!r}")
+    fanout = _FanOut(
+        pool,
+        _normalise(messages),
+        operation=operation,
+        mode="any" if operation == "COPY" else "read-write",
+        batch_size=batch_size,
+        workers=_check_sizes(pool, batch_size, max_connections),
+        run_batch=_copy_runner(operation.lower(), destination),
+    )
+    await _run_to_end(fanout)
+
+
+async def copy_many(
+    pool: Pool,
+    messages: Mapping[str, Messages],
+    destination: str,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_connections: int | None = None,
+) -> None:
+    """Copy messages of many folders to one folder, one ``UID COPY`` per batch.
+
+    ::
+
+        await copy_many(pool, {"INBOX": uids, "Lists/trio": ["SINCE", date(2026, 1, 1)]},
+                        "Archive/2026")
+
+    Batches run concurrently, so the copies may arrive in *destination* in any order of
+    batches. The source folders are selected read-only unless a connection already has one
+    selected.
+
+    Args:
+        pool: The pool to check connections out of.
+        messages: Folder -> UIDs, or search criteria (searched first), as for
+            :func:`fetch_many`. UIDs that no longer exist are ignored by the server.
+        destination: The folder to copy to; it must exist.
+        batch_size: UIDs per COPY.
+        max_connections: Connections used at once; default and upper bound the pool's
+            ``max_size``.
+
+    Raises:
+        TypeError, ValueError: Invalid arguments, before anything is sent.
+        FanOutError: A batch failed (say, *destination* does not exist); the batches in
+            flight were interrupted, the others not started. Copies made before stay.
+
+    **Cancellation**: a checkpoint. A cancellation interrupts the batches in flight (they may
+    or may not have been copied; their connections are discarded) and starts no more.
+    """
+    await _transfer_many(pool, messages, destination, "COPY", batch_size, max_connections)
+
+
+async def move_many(
+    pool: Pool,
+    messages: Mapping[str, Messages],
+    destination: str,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_connections: int | None = None,
+) -> None:
+    """Move messages of many folders to one folder, one ``UID MOVE`` (RFC 6851) per batch.
+
+    ::
+
+        await move_many(pool, {"INBOX": ["BEFORE", date(2025, 1, 1)]}, "Archive/2024")
+
+    Each batch is atomic on the server; the operation as a whole is not. The server must have
+    the MOVE capability (Dovecot, Gmail, Microsoft 365 and most others do); without it the
+    first batches fail with :class:`imapclient.exceptions.CapabilityError` before anything is
+    sent.
+
+    Args:
+        pool: The pool to check connections out of.
+        messages: Folder -> UIDs, or search criteria (searched first), as for
+            :func:`fetch_many`. UIDs that no longer exist are ignored by the server.
+        destination: The folder to move to; it must exist.
+        batch_size: UIDs per MOVE.
+        max_connections: Connections used at once; default and upper bound the pool's
+            ``max_size``.
+
+    Raises:
+        TypeError, ValueError: Invalid arguments, before anything is sent.
+        FanOutError: A batch failed; the batches in flight were interrupted, the others not
+            started. Batches moved before stay moved.
+
+    **Cancellation**: a checkpoint. A cancellation interrupts the batches in flight (they may
+    or may not have been moved; their connections are discarded) and starts no more.
+    """
+    await _transfer_many(pool, messages, destination, "MOVE", batch_size, max_connections)

@@ -18,14 +18,13 @@ connection's normal read timeout, so a response split across segments is simply 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -225,7 +224,9 @@ def _check_error(session: _Session) -> None:
         raise session.error
 
 
-def _collect(client: Any, session: _Session, fragments: list[_Fragment], out: list[IdleEvent]) -> None:
+def _collect(
+    client: Any, session: _Session, fragments: list[_Fragment], out: list[IdleEvent]
+) -> None:
     event = _event(fragments, client.normalise_times)
     out.append(event)
     if event.kind == "BYE" and session.error is None:
@@ -467,7 +468,7 @@ class IdleEvents:
                 await trio.lowlevel.wait_readable(self._sock)
                 self._more = True  # readable: the next step reads
 
-    async def _start_idle(self, step: Any) -> None:
+    async def _start_idle(self, step: Callable[[Any, _Session], _Batch]) -> None:
         self._renew_at = trio.current_time() + self._renew_after
         self._idle_commands += 1
         self._add_batch(await self._conn.run_sync(step, self._session))
@@ -595,5 +596,4 @@ async def idle(
             await events._begin()
             yield events
         finally:
-            with contextlib.suppress(trio.Cancelled):  # raised again below if it was ours
-                await events._end(done_timeout)
+            await events._end(done_timeout)  # shielded and bounded inside

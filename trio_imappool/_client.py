@@ -214,6 +214,7 @@ class PooledClient:
         "client",
         "created_at",
         "expires_at",
+        "global_token",
         "last_used",
         "number",
         "server_gone",
@@ -230,6 +231,8 @@ class PooledClient:
         self.expires_at = math.inf
         #: Set when an error suggests that the server went away (EOF, BYE, reset).
         self.server_gone = False
+        #: Whether it holds a place of the pool's shared connection limiter (pool groups).
+        self.global_token = False
         #: Why the connection must not be reused, or None while it is healthy.
         self.broken: str | None = None
         #: True while a task is running a call on it (two tasks sharing a checkout).

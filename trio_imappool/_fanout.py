@@ -92,9 +92,7 @@ class FanOutError(PoolError):
         operation: ``"SEARCH"``, ``"FETCH"``, ``"STORE"``, ``"COPY"`` or ``"MOVE"``.
     """
 
-    def __init__(
-        self, message: str, *, folder: str, uids: Sequence[int], operation: str
-    ) -> None:
+    def __init__(self, message: str, *, folder: str, uids: Sequence[int], operation: str) -> None:
         super().__init__(message)
         self.folder = folder
         self.uids: tuple[int, ...] = tuple(uids)
@@ -215,7 +213,12 @@ def _normalise(folders: Mapping[str, Messages]) -> dict[str, Sequence[int] | _Se
         elif isinstance(spec, range) and spec.step > 0 and (not spec or spec.start >= 1):
             plan[folder] = spec
         else:
-            items = list(spec)
+            try:
+                items = list(spec)
+            except TypeError:
+                raise TypeError(
+                    f"folder {folder!r}: expected UIDs or search criteria, got {spec!r}"
+                ) from None
             if all(_is_uid(item) for item in items):
                 plan[folder] = sorted(set(items))
             elif any(isinstance(item, str | bytes) for item in items):
@@ -345,10 +348,13 @@ class _FanOut:
 
     def _plan(self, folder: str, uids: Sequence[int]) -> None:
         size = self._batch_size
-        batches = [_Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
-        if batches and self._run_batch is not None:
-            self._batches[folder] = collections.deque(batches)
-        self.tracker.planned(folder, len(uids), len(batches))
+        if self._run_batch is None:  # search only
+            self.tracker.planned(folder, len(uids), 0)
+        else:
+            batches = [_Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
+            if batches:
+                self._batches[folder] = collections.deque(batches)
+            self.tracker.planned(folder, len(uids), len(batches))
         self._changed.set()
         self._changed = trio.Event()
 
@@ -446,7 +452,9 @@ class _FanOut:
                 else:
                     assert self._run_batch is not None
                     delivery = await self._run_batch(conn, work)
-                    if delivery is not None and not self._deliver_nowait(delivery):
+                    if delivery is None:
+                        self.tracker.done(work.folder, len(work.uids), 0, batch_done=True)
+                    elif not self._deliver_nowait(delivery):
                         undelivered = delivery
                 following = self._take(work.folder)
                 if (
@@ -473,9 +481,7 @@ class _FanOut:
 
     async def _select(self, conn: Connection, folder: str) -> None:
         selected, readonly = conn.selected_folder, conn.readonly
-        if selected == folder and (
-            self._mode == "any" or readonly == (self._mode == "read-only")
-        ):
+        if selected == folder and (self._mode == "any" or readonly == (self._mode == "read-only")):
             return
         await conn.select_folder(folder, readonly=self._mode != "read-write")
 
@@ -504,6 +510,7 @@ class FetchResults:
         self._tracker = fanout.tracker
         self._current: _Delivery | None = None
         self._receiving = False
+        self._closed = False
         self._body_scope = trio.CancelScope()
 
     def __repr__(self) -> str:
@@ -536,6 +543,11 @@ class FetchResults:
         **Cancellation**: a checkpoint; a cancelled call loses no message.
         """
         delivery = self._current
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError(
+                "the fetch_many() block has ended: iterate the results inside it"
+            )
         if delivery is not None and delivery.messages:
             await trio.lowlevel.checkpoint()
         else:
@@ -644,9 +656,7 @@ async def _fetch_many(
 ) -> AsyncIterator[FetchResults]:
     async def fetch_batch(conn: Connection, work: _Work) -> _Delivery:
         fetched: dict[int, dict[bytes, Any]] = await conn.fetch(list(work.uids), fields)
-        messages = collections.deque(
-            (uid, fetched.pop(uid)) for uid in work.uids if uid in fetched
-        )
+        messages = collections.deque((uid, fetched.pop(uid)) for uid in work.uids if uid in fetched)
         return _Delivery(work.folder, messages, len(work.uids) - len(messages))
 
     await trio.lowlevel.checkpoint()
@@ -682,6 +692,7 @@ async def _fetch_many(
                 body_error = exc
             finally:
                 nursery.cancel_scope.cancel()
+                results._closed = True
     if body_error is not None:
         raise body_error
     error = fanout.take_error()

@@ -23,6 +23,7 @@ from ._config import PoolConfig
 from ._connection import Connection
 from ._errors import (
     AuthenticationError,
+    ConfigurationError,
     ConnectError,
     ConnectionLimitError,
     PoolClosedError,
@@ -96,8 +97,11 @@ class Pool:
         nursery: trio.Nursery,
         *,
         thread_limiter: trio.CapacityLimiter | None = None,
+        connection_limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.config: Final = config
+        # Shared with other pools (a pool group): a global cap on connections.
+        self._connection_limiter = connection_limiter
         self._nursery = nursery
         self._size_limiter = trio.CapacityLimiter(config.max_size)
         self._thread_limiter = thread_limiter or trio.CapacityLimiter(config.max_size)
@@ -382,11 +386,15 @@ class Pool:
         self._want_connections()
 
     def _forget(self, slot: PooledClient) -> None:
-        """Close *slot* and give its place in the size limiter back."""
+        """Close *slot* and give its place in the size limiter (and any global one) back."""
         slot.close()
         if slot.thread_running:
             self._orphans.append(slot)
         self._size_limiter.release_on_behalf_of(slot)
+        if slot.global_token:
+            assert self._connection_limiter is not None
+            self._connection_limiter.release_on_behalf_of(slot)
+            slot.global_token = False
 
     def drain(self) -> None:
         """Close every idle connection now, and every checked-out one when it comes back.
@@ -398,6 +406,23 @@ class Pool:
         Synchronous: closes sockets without LOGOUT, never blocks.
         """
         self._invalidate("drain() was called")
+
+    def close_idle(self, count: int = 1) -> int:
+        """Close up to *count* idle connections (the longest unused first) with LOGOUT, in the
+        background, regardless of ``min_size``. Returns how many it took.
+
+        For giving places back, e.g. to other pools under a shared cap (a pool group does).
+        Synchronous: never blocks.
+        """
+        idle = self._take_all_idle()
+        closing, keep = idle[:count], idle[count:]
+        for slot in keep:
+            self._idle_send.send_nowait(slot)
+        self._idle += len(keep)
+        for slot in closing:
+            self._retire(slot)
+        self._publish()
+        return len(closing)
 
     def _invalidate(self, why: str) -> None:
         self._invalid_before = trio.current_time()
@@ -523,6 +548,11 @@ class Pool:
         try:
             while pending is not None:
                 await trio.sleep(max(0.0, self._next_attempt_at - trio.current_time()))
+                if self._connection_limiter is not None and not pending.global_token:
+                    # Wait (first come, first served across the pools sharing it) for a place
+                    # under the global cap.
+                    await self._connection_limiter.acquire_on_behalf_of(pending)
+                    pending.global_token = True
                 if self._demand() < 0:
                     return  # nobody needs it any more
                 try:
@@ -782,7 +812,8 @@ async def open_pool(
             ``acquire_timeout``, ``connect_timeout``, ``login_timeout``, ``read_timeout``,
             ``logout_timeout``, ``reset_on_release``, ``name``; and ``thread_limiter``, a
             :class:`trio.CapacityLimiter` for the worker threads (default: one of the pool's own
-            with ``max_size`` tokens).
+            with ``max_size`` tokens); and ``connection_limiter``, a :class:`trio.CapacityLimiter`
+            shared with other pools as a global cap on their connections.
 
     Raises:
         ConfigurationError: An argument is invalid (raised before anything is opened).
@@ -796,13 +827,23 @@ async def open_pool(
     bounded by ``logout_timeout``).
     """
     thread_limiter = options.pop("thread_limiter", None)
-    if thread_limiter is not None and not isinstance(thread_limiter, trio.CapacityLimiter):
-        raise TypeError("thread_limiter must be a trio.CapacityLimiter")
+    connection_limiter = options.pop("connection_limiter", None)
+    for key, value in (
+        ("thread_limiter", thread_limiter),
+        ("connection_limiter", connection_limiter),
+    ):
+        if value is not None and not isinstance(value, trio.CapacityLimiter):
+            raise ConfigurationError(f"{key} must be a trio.CapacityLimiter")
     config = PoolConfig.build(host, port, **options)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, nursery, thread_limiter=thread_limiter)
+            pool = Pool(
+                config,
+                nursery,
+                thread_limiter=thread_limiter,
+                connection_limiter=connection_limiter,
+            )
             pool._want_connections()
             nursery.start_soon(pool._maintain_forever)
             try:

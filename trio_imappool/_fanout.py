@@ -291,12 +291,13 @@ _RunBatch: TypeAlias = Callable[["Connection", _Work], Awaitable[_Delivery | Non
 
 
 class _Cursor:
-    """What a worker task is working on, for the error message if it fails."""
+    """What a worker task is working on, and at which step, for the error message."""
 
-    __slots__ = ("work",)
+    __slots__ = ("step", "work")
 
     def __init__(self, work: _Work) -> None:
         self.work = work
+        self.step = "checkout"
 
 
 class _FanOut:
@@ -384,16 +385,18 @@ class _FanOut:
         """Whether no more work can appear (no search is pending or running)."""
         return not self._searches and not self._searching
 
-    def _fail(self, work: _Work, exc: Exception) -> None:
+    def _fail(self, cursor: _Cursor, exc: Exception) -> None:
+        work = cursor.work
         if self.error is None:
             if work.search is not None:
                 what = f"search for {work.search.criteria!r}"
             else:
                 what = f"UIDs {_uid_set(work.uids)} ({len(work.uids)} messages)"
             operation = "SEARCH" if work.search is not None else self.operation
+            step = {"checkout": " checking out a connection", "select": " selecting it"}
             error = FanOutError(
                 f"{self._pool.config.name}: {operation} of {what} in folder {work.folder!r} "
-                f"failed: {type(exc).__name__}: {exc}",
+                f"failed{step.get(cursor.step, '')}: {type(exc).__qualname__}: {exc}",
                 folder=work.folder,
                 uids=work.uids,
                 operation=operation,
@@ -401,6 +404,10 @@ class _FanOut:
             error.__cause__ = exc
             self.error = error
         self._cancel_scope.cancel()
+
+    @property
+    def error_reported(self) -> bool:
+        return self._error_reported
 
     def take_error(self) -> FanOutError | None:
         """The error, the first time it is asked for; None after that (raised once)."""
@@ -436,17 +443,20 @@ class _FanOut:
                 cursor.work = work
                 work = await self._run_on_one_connection(cursor)
         except Exception as exc:  # the first error stops everything; see _fail
-            self._fail(cursor.work, exc)
+            self._fail(cursor, exc)
 
     async def _run_on_one_connection(self, cursor: _Cursor) -> _Work | None:
         """Check out a connection and work on it while the folder stays the same. Returns the
         next work taken (of another folder), or None."""
         work = cursor.work
         undelivered: _Delivery | None = None
+        cursor.step = "checkout"
         async with self._pool.connection() as conn:
             while True:
                 cursor.work = work
+                cursor.step = "select"
                 await self._select(conn, work.folder)
+                cursor.step = "command"
                 if work.search is not None:
                     await self._search(conn, work.folder, work.search)
                 else:
@@ -468,6 +478,7 @@ class _FanOut:
         if undelivered is not None:
             # The caller is busy: wait for it without holding a connection (backpressure).
             assert self._send is not None
+            cursor.step = "deliver"
             await self._send.send(undelivered)
         return following
 
@@ -509,7 +520,7 @@ class FetchResults:
         self._fanout = fanout
         self._tracker = fanout.tracker
         self._current: _Delivery | None = None
-        self._receiving = False
+        self._in_next = False  # the caller is inside __anext__
         self._closed = False
         self._body_scope = trio.CancelScope()
 
@@ -536,43 +547,49 @@ class FetchResults:
         """The next message.
 
         Raises:
-            StopAsyncIteration: Every message has been handed over.
+            StopAsyncIteration: Every message has been handed over (or a failure was).
             FanOutError: A batch failed (raised once; the other batches were cancelled).
             trio.ClosedResourceError: The ``async with`` block has ended.
 
         **Cancellation**: a checkpoint; a cancelled call loses no message.
         """
-        delivery = self._current
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError(
                 "the fetch_many() block has ended: iterate the results inside it"
             )
-        if delivery is not None and delivery.messages:
-            await trio.lowlevel.checkpoint()
-        else:
-            delivery = await self._next_delivery()
+        self._in_next = True
+        try:
+            delivery = self._current
+            if delivery is not None and delivery.messages:
+                await trio.lowlevel.checkpoint()
+                self._raise_if_failed()
+            else:
+                delivery = await self._next_delivery()
+        finally:
+            self._in_next = False
         uid, data = delivery.messages.popleft()
         size = sum(len(value) for value in data.values() if isinstance(value, bytes))
         self._tracker.done(delivery.folder, 1, size, batch_done=not delivery.messages)
         return delivery.folder, uid, data
 
+    def _raise_if_failed(self) -> None:
+        """After a failure the iteration raises it once, then stops."""
+        if self._fanout.error is not None:
+            error = self._fanout.take_error()
+            if error is not None:
+                raise error from error.__cause__
+            raise StopAsyncIteration
+
     async def _next_delivery(self) -> _Delivery:
         while True:
-            self._receiving = True
+            self._raise_if_failed()
             try:
                 delivery = await self._receive.receive()
             except trio.EndOfChannel:
-                error = self._fanout.take_error()
-                if error is not None:
-                    raise error from error.__cause__
+                self._raise_if_failed()
                 raise StopAsyncIteration from None
-            except trio.ClosedResourceError:
-                raise trio.ClosedResourceError(
-                    "the fetch_many() block has ended: iterate the results inside it"
-                ) from None
-            finally:
-                self._receiving = False
+            self._raise_if_failed()
             self._current = delivery
             if delivery.messages:
                 if delivery.skipped:
@@ -675,7 +692,7 @@ async def _fetch_many(
 
     async def produce() -> None:
         await fanout.run()
-        if fanout.error is not None and not results._receiving:
+        if fanout.error is not None and not fanout.error_reported and not results._in_next:
             # The caller is not waiting in the iteration: cancel the block, as a nursery
             # cancels its body when a child fails; the error comes out of the async with.
             results._body_scope.cancel()

@@ -337,8 +337,11 @@ def _poll(client: Any, session: _Session) -> list[IdleEvent]:
 
 def _open(client: Any, session: _Session, folder: str) -> tuple[dict[bytes, Any], bool, _Batch]:
     """Select *folder* read-only and, if the server can, start IDLE."""
+    # Capabilities first: right after LOGIN they are known without a round trip, while a
+    # SELECT would clear imaplib's record of them.
+    can_idle = bool(client.has_capability("IDLE"))
     selected: dict[bytes, Any] = client.select_folder(folder, readonly=True)
-    if not client.has_capability("IDLE"):
+    if not can_idle:
         return selected, False, ([], False)
     return selected, True, _begin_idle(client, session)
 

@@ -123,6 +123,8 @@ class Pool:
         self._limit_lowered_at: float | None = None
         self._noop_checks = 0
         self._keepalives = 0
+        self._selects = 0
+        self._selects_saved = 0
         self._acquires = 0
         self._acquire_waits = 0
         self._acquire_timeouts = 0
@@ -174,6 +176,8 @@ class Pool:
             effective_max_size=int(self._size_limiter.total_tokens),
             noop_checks=self._noop_checks,
             keepalives=self._keepalives,
+            selects=self._selects,
+            selects_saved=self._selects_saved,
         )
 
     def _publish(self) -> None:
@@ -187,7 +191,9 @@ class Pool:
 
     # -- checkout ------------------------------------------------------------------------------
 
-    def connection(self, *, timeout: float | None = None) -> _Checkout:
+    def connection(
+        self, folder: str | None = None, *, readonly: bool = False, timeout: float | None = None
+    ) -> _Checkout:
         """Check a connection out for the duration of an ``async with`` block.
 
         ::
@@ -196,7 +202,16 @@ class Pool:
                 await conn.select_folder("INBOX")
                 uids = await conn.search(["UNSEEN"])
 
+            async with pool.connection("Archive", readonly=True) as conn:
+                uids = await conn.search(["FROM", "boss@example.org"])  # selected already
+
         Args:
+            folder: Hand out a connection with this folder selected. An idle connection that
+                has it selected already (in the same mode) is preferred, saving the SELECT
+                round trip; otherwise the connection the pool would give anyway is selected
+                before it is handed out. Preference never jumps the queue: it only chooses
+                among idle connections, which exist only while nobody waits.
+            readonly: With *folder*: select it read-only (EXAMINE), as ``select_folder`` does.
             timeout: How long to wait for a connection, instead of the pool's
                 ``acquire_timeout``.
 
@@ -211,8 +226,10 @@ class Pool:
             ConnectError: Opening a connection failed and the pool has nothing else to offer
                 (see the class documentation).
             PoolClosedError: The pool is closed or closes while waiting.
+            imapclient.exceptions.IMAPClientError: Selecting *folder* failed (it does not
+                exist, say); the connection went back to the pool.
         """
-        return _Checkout(self, timeout)
+        return _Checkout(self, timeout, None if folder is None else (folder, readonly))
 
     async def run_sync(self, fn: Callable[[IMAPClient, *Ts], T], *args: *Ts) -> T:
         """Check out a connection, run ``fn(client, *args)`` in a worker thread, release it.
@@ -237,13 +254,15 @@ class Pool:
         async with self.connection() as conn:
             return await conn.run_sync(fn, *args)
 
-    async def _acquire(self, wait_limit: float | None) -> PooledClient:
+    async def _acquire(
+        self, wait_limit: float | None, want: tuple[str, bool] | None = None
+    ) -> PooledClient:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:
                 raise PoolClosedError(f"{self.config.name}: the pool is closed")
             try:
-                slot = self._take_idle_nowait()
+                slot = self._take_idle_nowait(want)
             except trio.WouldBlock:
                 slot = await self._wait_for_connection(wait_limit)
             else:
@@ -266,9 +285,24 @@ class Pool:
                 if not healthy:
                     self._release(slot)
                     continue
+            if want is not None:
+                try:
+                    await self._select(slot, want)
+                except BaseException:
+                    self._release(slot)
+                    raise
             self._acquires += 1
             self._publish()
             return slot
+
+    async def _select(self, slot: PooledClient, want: tuple[str, bool]) -> None:
+        client = slot.client
+        assert client is not None
+        if client.selected == want:
+            self._selects_saved += 1
+            return
+        self._selects += 1
+        await slot.run(self._thread_limiter, TrackingClient.select_folder, client, *want)
 
     def _usable(self, slot: PooledClient) -> bool:
         """The checks a checkout makes without a round trip; drops the connection if one fails."""
@@ -284,12 +318,30 @@ class Pool:
         self._drop(slot, discarded=True)
         return False
 
-    def _take_idle_nowait(self) -> PooledClient:
+    def _take_idle_nowait(self, want: tuple[str, bool] | None = None) -> PooledClient:
+        if want is not None and self._idle > 1:
+            slot = self._take_idle_with(want)
+            if slot is not None:
+                return slot
         while True:
             slot = self._idle_recv.receive_nowait()
             self._idle -= 1
             if self._usable(slot):
                 return slot
+
+    def _take_idle_with(self, want: tuple[str, bool]) -> PooledClient | None:
+        """The first usable idle connection with *want* selected, the others left in order."""
+        idle = self._take_all_idle()
+        chosen = None
+        for i, slot in enumerate(idle):
+            if slot.client is not None and slot.client.selected == want and self._usable(slot):
+                chosen = slot
+                del idle[i]
+                break
+        for slot in idle:
+            self._idle_send.send_nowait(slot)
+        self._idle += len(idle)
+        return chosen
 
     async def _noop_check(self, slot: PooledClient) -> bool:
         self._noop_checks += 1
@@ -755,18 +807,19 @@ def _unselect(client: TrackingClient | None) -> None:
 class _Checkout:
     """The async context manager returned by :meth:`Pool.connection`."""
 
-    __slots__ = ("_conn", "_pool", "_slot", "_timeout")
+    __slots__ = ("_conn", "_pool", "_slot", "_timeout", "_want")
 
-    def __init__(self, pool: Pool, timeout: float | None) -> None:
+    def __init__(self, pool: Pool, timeout: float | None, want: tuple[str, bool] | None) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._want = want
         self._slot: PooledClient | None = None
         self._conn: Connection | None = None
 
     async def __aenter__(self) -> Connection:
         if self._slot is not None:
             raise RuntimeError("this pool.connection() context manager is already in use")
-        slot = await self._pool._acquire(self._timeout)
+        slot = await self._pool._acquire(self._timeout, self._want)
         self._slot = slot
         self._conn = Connection(self._pool, slot)
         return self._conn

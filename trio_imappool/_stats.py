@@ -56,6 +56,9 @@ class PoolStatistics:
                               many connections (raised again one by one every 30 s)
     ``noop_checks``           NOOPs sent at checkout to connections idle for long
     ``keepalives``            NOOPs sent to idle connections by the ``keepalive`` option
+    ``selects``               SELECTs sent by ``pool.connection(folder)``
+    ``selects_saved``         ``pool.connection(folder)`` checkouts that found the folder
+                              selected already: round trips saved
     ========================  ===============================================================
     """
 
@@ -79,6 +82,8 @@ class PoolStatistics:
     effective_max_size: int
     noop_checks: int
     keepalives: int
+    selects: int
+    selects_saved: int
 
     def __str__(self) -> str:
         return (

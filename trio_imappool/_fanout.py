@@ -513,6 +513,10 @@ class FetchResults:
     An async iterator; ``data`` is imapclient's dict for the message (``{b"BODY[]": ...,
     b"SEQ": ...}``). Messages come in batches, ascending by UID within a batch; batches of
     different folders interleave. Iterate it inside the ``async with`` block only.
+
+    After a batch has failed, the next step of the iteration raises :class:`FanOutError`
+    (messages of earlier batches not yet handed over are dropped), and the steps after that
+    end the iteration.
     """
 
     def __init__(self, receive: trio.MemoryReceiveChannel[_Delivery], fanout: _FanOut) -> None:

@@ -33,6 +33,7 @@ from ._errors import (
     suggests_server_gone,
 )
 from ._stats import PoolCounts, PoolStatistics
+from ._util import holds_only
 
 __all__ = ["Pool", "open_pool"]
 
@@ -345,15 +346,28 @@ class Pool:
 
     async def _noop_check(self, slot: PooledClient) -> bool:
         self._noop_checks += 1
-        with trio.move_on_after(self.config.connect_timeout):
+        if await self._housekeeping(slot, TrackingClient.noop, self.config.connect_timeout):
+            return True
+        slot.broken = slot.broken or "failed its NOOP check"
+        return False
+
+    async def _housekeeping(
+        self, slot: PooledClient, fn: Callable[[TrackingClient], object], limit: float
+    ) -> bool:
+        """Run the pool's own command *fn* on *slot*, bounded by *limit*; True if it succeeded.
+
+        Failures are logged, not raised: the connection is judged by ``slot.broken``, which
+        the thread call sets for a failure that leaves it in doubt, and for a timeout.
+        """
+        with trio.move_on_after(limit):
             try:
-                await slot.run(self._thread_limiter, TrackingClient.noop, slot.client)
+                await slot.run(self._thread_limiter, fn, slot.client)
             except Exception as exc:
-                logger.info("%s: #%d failed its NOOP check: %r", self.config.name, slot.number, exc)
+                logger.info(
+                    "%s: %s on #%d failed: %r", self.config.name, fn.__name__, slot.number, exc
+                )
                 return False
-            else:
-                return True
-        slot.broken = "its NOOP check timed out"
+            return True
         return False
 
     async def _wait_for_connection(self, wait_limit: float | None) -> PooledClient:
@@ -418,10 +432,7 @@ class Pool:
 
     async def _reset(self, slot: PooledClient) -> None:
         try:
-            with trio.move_on_after(self.config.read_timeout):
-                await slot.run(self._thread_limiter, _unselect, slot.client)
-        except Exception as exc:  # the connection is judged by slot.broken
-            logger.debug("%s: reset of #%d failed: %r", self.config.name, slot.number, exc)
+            await self._housekeeping(slot, _unselect, self.config.read_timeout)
         finally:
             if slot.client is not None and slot.client.selected is not None:
                 slot.broken = slot.broken or "could not be reset"
@@ -505,10 +516,7 @@ class Pool:
     async def _keepalive(self, slot: PooledClient) -> None:
         self._keepalives += 1
         try:
-            with trio.move_on_after(self.config.connect_timeout):
-                await slot.run(self._thread_limiter, TrackingClient.noop, slot.client)
-        except Exception as exc:
-            logger.info("%s: keepalive of #%d failed: %r", self.config.name, slot.number, exc)
+            await self._housekeeping(slot, TrackingClient.noop, self.config.connect_timeout)
         finally:
             self._release(slot)
 
@@ -775,10 +783,7 @@ class Pool:
     async def _logout(self, slot: PooledClient, busy: bool) -> None:
         """LOGOUT (bounded by ``logout_timeout``), then close. Never raises but Cancelled."""
         try:
-            with trio.move_on_after(self.config.logout_timeout):
-                await slot.run(self._thread_limiter, TrackingClient.logout, slot.client)
-        except Exception as exc:
-            logger.debug("%s: LOGOUT of #%d failed: %r", self.config.name, slot.number, exc)
+            await self._housekeeping(slot, TrackingClient.logout, self.config.logout_timeout)
         finally:
             if busy:
                 self._in_use -= 1
@@ -793,8 +798,7 @@ class Pool:
         self._orphans = [slot for slot in self._orphans if slot.thread_running]
 
 
-def _unselect(client: TrackingClient | None) -> None:
-    assert client is not None
+def _unselect(client: TrackingClient) -> None:
     if client.has_capability("UNSELECT"):
         client.unselect_folder()
     else:
@@ -913,19 +917,7 @@ async def open_pool(
     except BaseExceptionGroup as group:
         with trio.CancelScope(shield=True):
             await pool._wait_for_orphans()
-        if body_error is None or not _only(group, body_error):
+        if body_error is None or not holds_only(group, body_error):
             raise
     if body_error is not None:
         raise body_error
-
-
-def _only(group: BaseExceptionGroup[BaseException], error: BaseException) -> bool:
-    """Whether *group* holds just *error* (possibly nested)."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if inner is error:
-            return True
-        if not isinstance(inner, BaseExceptionGroup):
-            return False
-        group = inner
-    return False

@@ -51,6 +51,8 @@ from typing import Literal, TypeVar, TypeVarTuple
 import outcome
 import trio
 
+from .._util import holds_only
+
 __all__ = [
     "Direction",
     "FaultProxy",
@@ -680,22 +682,10 @@ async def open_fault_proxy(
             finally:
                 proxy._close()
     except BaseExceptionGroup as group:
-        if body_error is None or not _holds_only(group, body_error):
+        if body_error is None or not holds_only(group, body_error):
             raise
     if body_error is not None:
         raise body_error
-
-
-def _holds_only(group: BaseExceptionGroup[BaseException], error: BaseException) -> bool:
-    """Whether *group* holds just *error*, possibly nested."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if inner is error:
-            return True
-        if not isinstance(inner, BaseExceptionGroup):
-            return False
-        group = inner
-    return False
 
 
 class ProxyThread:

@@ -233,6 +233,7 @@ async def test_an_exception_in_the_block_returns_the_connection_and_comes_out_un
 
 
 async def test_cancel_while_holding_an_idle_connection_returns_it(account: dict[str, Any]) -> None:
+    """SQLAlchemy #8145: a connection held by a cancelled task was never returned."""
     async with open_pool(**account) as pool:
         with trio.move_on_after(0.05) as scope:
             async with pool.connection() as conn:

@@ -83,13 +83,16 @@ class Pool:
     whichever comes first, a connection released by another task or a newly opened one, and
     waiting tasks are served first come, first served.
 
-    **Failures to open.** Until the first connection has opened, or for an error that retrying
-    cannot mend (rejected credentials, a certificate that does not verify), every waiting task
-    gets a :class:`~trio_imappool.ConnectError` at once, so a wrong port or password is
-    reported right away. Once the pool has worked, a failure is taken as an outage: one attempt
-    at a time is retried with exponential backoff and jitter (up to 1 s apart) while tasks are
-    waiting or ``min_size`` is not met, and a waiting task that reaches its acquire timeout gets
-    :class:`~trio_imappool.PoolTimeout` naming the last error. Commands are never retried.
+    **Failures to open.** Until the first connection has opened, connections are opened one at
+    a time, and a failure goes at once to every waiting task as a
+    :class:`~trio_imappool.ConnectError`, so a wrong port or password is reported after one
+    attempt. So does an error that retrying cannot mend (rejected credentials, a certificate
+    that does not verify, a missing STARTTLS), at any time. Once the pool has worked, a failure
+    is taken as an outage: one attempt at a time is retried with exponential backoff and jitter
+    (at most 0.5 s apart) while tasks wait or ``min_size`` is not met, and a waiting task that
+    reaches its acquire timeout gets :class:`~trio_imappool.PoolTimeout` naming the last error.
+    Commands are never retried. See the README for health checks, lifetimes, bulk
+    invalidation and connection limits.
     """
 
     def __init__(
@@ -385,7 +388,7 @@ class Pool:
                         return slot
             finally:
                 # The counts as this waiter saw them, for the timeout's message.
-                seen = str(self.statistics())
+                seen = str(self.statistics()) if trio.current_time() >= scope.deadline else ""
                 self._waiters.pop(waiter, None)
                 self._publish()
         if waiter.error is not None:

@@ -217,6 +217,7 @@ class PooledClient:
         "global_token",
         "last_used",
         "number",
+        "poller",
         "server_gone",
     )
 
@@ -233,6 +234,8 @@ class PooledClient:
         self.server_gone = False
         #: Whether it holds a place of the pool's shared connection limiter (pool groups).
         self.global_token = False
+        #: Polls the socket for readability without a round trip (made once it is open).
+        self.poller: select.poll | None = None
         #: Why the connection must not be reused, or None while it is healthy.
         self.broken: str | None = None
         #: True while a task is running a call on it (two tasks sharing a checkout).
@@ -319,18 +322,17 @@ class PooledClient:
     def open_blocking(self, config: PoolConfig, token: str | None = None) -> None:
         """Open the connection (in a worker thread, through :meth:`run`)."""
         self.client = open_client(config, token)
+        self.poller = select.poll()
+        self.poller.register(self.client._imap.sock, select.POLLIN)
 
     def server_spoke(self) -> bool:
         """Whether the idle connection's socket is readable: the server closed it or sent
         something unasked (a BYE before shutting down). No round trip, never blocks."""
-        client = self.client
-        if client is None:
+        if self.poller is None:
             return True
         try:
             # poll(), not recv(MSG_PEEK): a socket with a timeout waits inside recv().
-            poller = select.poll()
-            poller.register(client._imap.sock, select.POLLIN)
-            return bool(poller.poll(0))
+            return bool(self.poller.poll(0))
         except (OSError, ValueError):
             return True
 

@@ -32,6 +32,7 @@ from ._errors import (
     ReleasedConnectionError,
     TLSError,
 )
+from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
 from ._pool import Pool, open_pool
 from ._stats import PoolCounts, PoolStatistics
 
@@ -44,15 +45,19 @@ __all__ = [
     "ConnectError",
     "Connection",
     "ConnectionLimitError",
+    "CredentialsProvider",
+    "GroupStatistics",
     "Pool",
     "PoolClosedError",
     "PoolConfig",
     "PoolCounts",
     "PoolError",
+    "PoolGroup",
     "PoolStatistics",
     "PoolTimeout",
     "ReleasedConnectionError",
     "TLSError",
     "TokenProvider",
     "open_pool",
+    "open_pool_group",
 ]

@@ -115,6 +115,7 @@ class Pool:
         self._idle = 0
         self._in_use = 0
         self._opening = 0
+        self._queued = 0
         self._waiters: dict[_Waiter, None] = {}
         self._closed = False
         self._ever_opened = False
@@ -182,14 +183,16 @@ class Pool:
             keepalives=self._keepalives,
             selects=self._selects,
             selects_saved=self._selects_saved,
+            queued=self._queued,
         )
 
     def _publish(self) -> None:
+        queued = self._queued  # openers waiting for a place under a shared cap: not connections
         self.counts.value = PoolCounts(
-            self._size_limiter.borrowed_tokens,
+            self._size_limiter.borrowed_tokens - queued,
             self._idle,
             self._in_use,
-            self._opening,
+            self._opening - queued,
             len(self._waiters),
         )
 
@@ -613,8 +616,13 @@ class Pool:
                 await trio.sleep(max(0.0, self._next_attempt_at - trio.current_time()))
                 if self._connection_limiter is not None and not pending.global_token:
                     # Wait (first come, first served across the pools sharing it) for a place
-                    # under the global cap.
-                    await self._connection_limiter.acquire_on_behalf_of(pending)
+                    # under the global cap; meanwhile it is queued, not opening.
+                    self._queued += 1
+                    self._publish()
+                    try:
+                        await self._connection_limiter.acquire_on_behalf_of(pending)
+                    finally:
+                        self._queued -= 1
                     pending.global_token = True
                 if self._demand() < 0:
                     return  # nobody needs it any more

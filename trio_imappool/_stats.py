@@ -59,6 +59,8 @@ class PoolStatistics:
     ``selects``               SELECTs sent by ``pool.connection(folder)``
     ``selects_saved``         ``pool.connection(folder)`` checkouts that found the folder
                               selected already: round trips saved
+    ``queued``                openers waiting for a place under a cap shared with other pools
+                              (a pool group); not counted in ``size`` or ``opening``
     ========================  ===============================================================
     """
 
@@ -84,6 +86,7 @@ class PoolStatistics:
     keepalives: int
     selects: int
     selects_saved: int
+    queued: int
 
     def __str__(self) -> str:
         return (

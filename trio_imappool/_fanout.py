@@ -16,12 +16,15 @@ connection checked out of the pool, and either stream the results back as they a
 as ``"ALL"``, or a list such as ``["UNSEEN"]`` or ``["SINCE", date(2026, 1, 1)]``: anything with
 a string in it), searched first on a pooled connection.
 
-**How the work is spread.** Searches run first, and the connection that searched a folder goes
-on with that folder's first batches, so one SELECT serves both. A task keeps its connection for
-the next batch of the same folder (no second SELECT) unless other tasks are waiting for a
-connection; when it has to change folders it releases the connection and checks one out again,
-so other users of the pool get their turn. Tasks spread over the folders, the least-worked
-folder first, so that each SELECT serves as many batches as it can.
+**How the work is spread.** Searches run first, each after a SELECT of its own (so that it sees
+the folder as it is now, not as a connection that has had it selected for a while last saw it),
+and the connection that searched a folder goes on with that folder's first batches, so one
+SELECT serves both. A task keeps its connection for the next batch of the same folder (no
+second SELECT) unless other tasks are waiting for a connection; when it has to change folders
+it releases the connection and checks one out again, so other users of the pool get their
+turn. A task that gets a connection with a folder already selected takes a batch of that folder
+if one is left. Tasks spread over the folders, the least-worked folder first, so that each
+SELECT serves as many batches as it can.
 
 **Errors.** The first batch that fails stops the whole operation: the other tasks are
 cancelled, and :class:`FanOutError` (with the folder, the batch's UIDs, and the original
@@ -148,44 +151,46 @@ class _Tracker:
 
     def __init__(self, folders: int) -> None:
         self._unplanned = folders
-        self._messages_total = 0
-        self._batches_total = 0
+        self._folders = folders
+        self._messages_total = self._batches_total = 0
+        self._messages = self._bytes = self._batches = self._folders_done = 0
         self._left: dict[str, int] = {}  # folder -> batches not done yet
-        self._progress = Progress(None, 0, 0, None, 0, folders, 0)
-        self.value: Final = AsyncValue(self._progress)
+        self.value: Final = AsyncValue(Progress(None, 0, 0, None, 0, folders, 0))
 
-    def _publish(self, **changes: Any) -> None:
-        self._progress = dataclasses.replace(self._progress, **changes)
-        self.value.value = self._progress
+    def _publish(self) -> None:
+        planned = not self._unplanned
+        self.value.value = Progress(
+            self._messages_total if planned else None,
+            self._messages,
+            self._bytes,
+            self._batches_total if planned else None,
+            self._batches,
+            self._folders,
+            self._folders_done,
+        )
 
     def planned(self, folder: str, messages: int, batches: int) -> None:
         """A folder's work is known: *messages* in *batches*."""
         self._unplanned -= 1
         self._messages_total += messages
         self._batches_total += batches
-        changes: dict[str, Any] = {}
-        if not self._unplanned:
-            changes.update(messages_total=self._messages_total, batches_total=self._batches_total)
         if batches:
             self._left[folder] = batches
         else:
-            changes.update(folders_done=self._progress.folders_done + 1)
-        self._publish(**changes)
+            self._folders_done += 1
+        self._publish()
 
     def done(self, folder: str, messages: int, size: int, *, batch_done: bool) -> None:
         """*messages* of *folder* (of *size* bytes) are done, and maybe their batch."""
-        p = self._progress
-        changes: dict[str, Any] = {
-            "messages_done": p.messages_done + messages,
-            "bytes_done": p.bytes_done + size,
-        }
+        self._messages += messages
+        self._bytes += size
         if batch_done:
-            changes["batches_done"] = p.batches_done + 1
+            self._batches += 1
             self._left[folder] -= 1
             if not self._left[folder]:
                 del self._left[folder]
-                changes["folders_done"] = p.folders_done + 1
-        self._publish(**changes)
+                self._folders_done += 1
+        self._publish()
 
 
 # -- planning: the caller's folders, checked before anything starts ----------------------------
@@ -359,12 +364,10 @@ class _FanOut:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _take(self, previous: str | None) -> _Work | None:
-        """The next work for a worker whose connection has *previous* selected: more of the
+    def _take(self, prefer: str | None) -> _Work | None:
+        """The next work for a worker whose connection has *prefer* selected: more of the
         same folder, else a search, else the least-worked folder with the most batches left."""
-        if previous is not None:
-            self._busy[previous] -= 1
-        queue = self._batches.get(previous) if previous is not None else None
+        queue = self._batches.get(prefer) if prefer is not None else None
         if queue:
             work = queue.popleft()
         elif self._searches:
@@ -380,6 +383,29 @@ class _FanOut:
             del self._batches[work.folder]
         self._busy[work.folder] += 1
         return work
+
+    def _prefer(self, work: _Work, conn: Connection) -> _Work:
+        """Swap the work a worker took before its checkout for a batch of the folder that the
+        connection it got already has selected, if that folder has batches left: a SELECT
+        saved, whoever had the connection before."""
+        selected = conn.selected_folder
+        if (
+            selected is None
+            or selected == work.folder
+            or work.search is not None
+            or not self._selected_suits(conn)
+            or not self._batches.get(selected)
+        ):
+            return work
+        self._batches.setdefault(work.folder, collections.deque()).appendleft(work)
+        self._busy[work.folder] -= 1
+        better = self._take(selected)
+        assert better is not None  # the folder has batches
+        return better
+
+    def _selected_suits(self, conn: Connection) -> bool:
+        """Whether the connection's selected folder is in the mode this operation needs."""
+        return self._mode == "any" or conn.readonly == (self._mode == "read-only")
 
     def _finished(self) -> bool:
         """Whether no more work can appear (no search is pending or running)."""
@@ -452,10 +478,11 @@ class _FanOut:
         undelivered: _Delivery | None = None
         cursor.step = "checkout"
         async with self._pool.connection() as conn:
+            work = self._prefer(work, conn)
             while True:
                 cursor.work = work
                 cursor.step = "select"
-                await self._select(conn, work.folder)
+                await self._select(conn, work.folder, fresh=work.search is not None)
                 cursor.step = "command"
                 if work.search is not None:
                     await self._search(conn, work.folder, work.search)
@@ -466,6 +493,7 @@ class _FanOut:
                         self.tracker.done(work.folder, len(work.uids), 0, batch_done=True)
                     elif not self._deliver_nowait(delivery):
                         undelivered = delivery
+                self._busy[work.folder] -= 1
                 following = self._take(work.folder)
                 if (
                     undelivered is not None
@@ -490,9 +518,12 @@ class _FanOut:
             return False
         return True
 
-    async def _select(self, conn: Connection, folder: str) -> None:
-        selected, readonly = conn.selected_folder, conn.readonly
-        if selected == folder and (self._mode == "any" or readonly == (self._mode == "read-only")):
+    async def _select(self, conn: Connection, folder: str, *, fresh: bool) -> None:
+        """Select *folder* unless it is selected in a suitable mode. A *fresh* select always
+        happens: a SEARCH on a connection that has had the folder selected for a while may
+        answer from its old view (Dovecot syncs changes made by other connections only after
+        it)."""
+        if not fresh and conn.selected_folder == folder and self._selected_suits(conn):
             return
         await conn.select_folder(folder, readonly=self._mode != "read-write")
 

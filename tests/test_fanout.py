@@ -489,3 +489,20 @@ async def test_arguments_are_checked_before_anything_starts(account: dict[str, A
             await results.__anext__()
         assert pool.statistics().connections_opened == 0
         assert math.isfinite(pool.config.acquire_timeout)
+
+
+async def test_the_bulk_operations_are_methods_of_the_pool_too(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = _seed(dovecot, {"INBOX": 5, "Other": 0}, user=account["username"])["INBOX"]
+    async with open_pool(**account, max_size=2) as pool:
+        async with pool.fetch_many({"INBOX": "ALL"}, ["RFC822.SIZE"]) as results:
+            fetched = [uid async for _, uid, _ in results]
+        assert sorted(fetched) == uids
+        assert await pool.search_many(["INBOX"]) == {"INBOX": uids}
+        await pool.add_flags_many({"INBOX": uids}, [b"\\Flagged"])
+        assert await pool.search_many(["INBOX"], ["FLAGGED"]) == {"INBOX": uids}
+        await pool.copy_many({"INBOX": uids[:2]}, "Other")
+        await pool.move_many({"INBOX": uids[2:]}, "Other")
+        found = await pool.search_many(["INBOX", "Other"])
+        assert (len(found["INBOX"]), len(found["Other"])) == (2, 5)

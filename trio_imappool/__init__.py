@@ -32,6 +32,17 @@ from ._errors import (
     ReleasedConnectionError,
     TLSError,
 )
+from ._fanout import (
+    FanOutError,
+    FetchResults,
+    Progress,
+    add_flags_many,
+    copy_many,
+    fetch_many,
+    move_many,
+    remove_flags_many,
+    search_many,
+)
 from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
 from ._pool import Pool, open_pool
 from ._stats import PoolCounts, PoolStatistics
@@ -46,6 +57,8 @@ __all__ = [
     "Connection",
     "ConnectionLimitError",
     "CredentialsProvider",
+    "FanOutError",
+    "FetchResults",
     "GroupStatistics",
     "Pool",
     "PoolClosedError",
@@ -55,9 +68,16 @@ __all__ = [
     "PoolGroup",
     "PoolStatistics",
     "PoolTimeout",
+    "Progress",
     "ReleasedConnectionError",
     "TLSError",
     "TokenProvider",
+    "add_flags_many",
+    "copy_many",
+    "fetch_many",
+    "move_many",
     "open_pool",
     "open_pool_group",
+    "remove_flags_many",
+    "search_many",
 ]

@@ -18,6 +18,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 from trio_util import AsyncValue
 
+from . import _fanout
 from ._client import PooledClient, TrackingClient
 from ._config import PoolConfig
 from ._connection import Connection
@@ -260,6 +261,15 @@ class Pool:
         """
         async with self.connection() as conn:
             return await conn.run_sync(fn, *args)
+
+    # -- bulk operations over several connections (see the _fanout module) ----------------------
+
+    fetch_many = _fanout.fetch_many
+    search_many = _fanout.search_many
+    add_flags_many = _fanout.add_flags_many
+    remove_flags_many = _fanout.remove_flags_many
+    copy_many = _fanout.copy_many
+    move_many = _fanout.move_many
 
     async def _acquire(
         self, wait_limit: float | None, want: tuple[str, bool] | None = None

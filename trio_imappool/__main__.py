@@ -1,83 +1,722 @@
 """The ``trio-imappool`` command (also ``python -m trio_imappool``).
 
-``trio-imappool demo`` starts a private Dovecot (the test harness of
-:mod:`trio_imappool.testing`), seeds a mailbox, and shows the pool at work on it: tasks in a
-nursery fetch every folder concurrently over a few pooled connections, one task is cancelled in
-the middle of a blocking command, and the pool's statistics are printed at the end.
+Commands:
+  export  copy the folders of an IMAP account into a local Maildir over N pooled
+          connections; run it again and it fetches only what it has not copied yet
+  demo    start a private Dovecot, seed a mailbox, export it, and show what the pool did
+
+Settings come from, first found wins: the command line, environment variables
+(TRIO_IMAPPOOL_HOST, _PORT, _USER, _PASSWORD, _PASSWORD_COMMAND, _TLS, _CA_FILE,
+_CONNECTIONS, _CONFIG), the TOML file given by --config or TRIO_IMAPPOOL_CONFIG
+(keys named like the long options: host, port, user, password_command, tls = "implicit" |
+"starttls" | "plain", ca_file, connections, folders = [...], maildir, ...), then defaults.
+The password (or OAuth2 token) is read from TRIO_IMAPPOOL_PASSWORD, from the standard
+output of --password-command, or from a prompt when standard input is a terminal; never
+from the command line.
+
+Exit status:
+  0    done
+  1    unexpected error (a bug; --debug shows the traceback)
+  2    usage or configuration error (including: no password available)
+  3    authentication failed (wrong user, password or token)
+  4    cannot connect (refused, unreachable, timed out, too many connections)
+  5    TLS failed (certificate not trusted, wrong host name, no STARTTLS)
+  6    other IMAP error (the server refused or broke off a command)
+  7    local error (the Maildir cannot be written, or another export is using it)
+  130  interrupted (Ctrl-C); what was written stays, run again to go on
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import getpass
+import importlib
+import os
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from typing import Any
+import tomllib
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
 
 import trio
+from imapclient.exceptions import IMAPClientError
 
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectError,
+    PoolError,
+    PoolTimeout,
+    TLSError,
+)
+from ._export import ExportError, ExportProgress, ExportResult, export_maildir
 from ._pool import Pool, open_pool
+from ._stats import PoolStatistics
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
+
+PROG = "trio-imappool"
+ENV_PREFIX = "TRIO_IMAPPOOL_"
+
+#: Exit status per kind of failure (see the module's documentation).
+EXIT_CODES = {
+    "ok": 0,
+    "bug": 1,
+    "usage": 2,
+    "authentication": 3,
+    "connection": 4,
+    "tls": 5,
+    "imap": 6,
+    "local": 7,
+    "interrupted": 130,
+}
+
+DEFAULT_CONNECTIONS = 4
+_TLS_MODES = ("implicit", "starttls", "plain")
+_AUTH_MODES = ("auto", "login", "plain", "xoauth2", "oauthbearer")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="trio-imappool", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="show the pool at work on a private Dovecot")
-    demo.add_argument("--folders", type=int, default=6, help="folders to seed (default 6)")
-    demo.add_argument("--messages", type=int, default=200, help="messages per folder")
-    demo.add_argument("--max-size", type=int, default=4, help="the pool's max_size")
-    args = parser.parse_args(argv)
-    if args.folders < 1 or args.messages < 1 or args.max_size < 1:
-        parser.error("--folders, --messages and --max-size must be at least 1")
-    return _demo(args.folders, args.messages, args.max_size)
+class UsageError(Exception):
+    """A setting is missing or wrong; exit status 2."""
 
 
-def _demo(folders: int, messages: int, max_size: int) -> int:
-    from .testing import DovecotNotFoundError, seed_folders, start_dovecot
+# -- settings: flags, then environment, then config file, then defaults ------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    name: str
+    kind: type
+    default: Any = None
+    env: bool = True
+
+
+_KEYS = {
+    key.name: key
+    for key in (
+        _Key("host", str),
+        _Key("port", int),
+        _Key("user", str),
+        _Key("password_command", str),
+        _Key("auth", str, "auto"),
+        _Key("tls", str, "implicit"),
+        _Key("ca_file", str),
+        _Key("insecure_plaintext", bool, False),
+        _Key("insecure_skip_tls_verify", bool, False),
+        _Key("connections", int, DEFAULT_CONNECTIONS),
+        _Key("batch_size", int, 200),
+        _Key("fsync", bool, True),
+        _Key("maildir", str),
+        _Key("folders", list, env=False),
+        _Key("exclude", list, env=False),
+    )
+}
+
+
+def _parse_bool(text: str, where: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{where}: expected true or false, not {text!r}")
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.expanduser(path), "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise UsageError(f"cannot read the config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: {exc}") from exc
+    if "password" in data:
+        raise UsageError(
+            f"config file {path}: no passwords in config files; use password_command, "
+            f"{ENV_PREFIX}PASSWORD or the prompt"
+        )
+    config: dict[str, Any] = {}
+    for name, value in data.items():
+        key = _KEYS.get(name.replace("-", "_"))
+        if key is None:
+            raise UsageError(f"config file {path}: unknown setting {name!r}")
+        if key.kind is list:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"config file {path}: {name} must be a list of folder names")
+        elif key.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"config file {path}: {name} must be an integer")
+        elif not isinstance(value, key.kind):
+            raise UsageError(f"config file {path}: {name} must be a {key.kind.__name__}")
+        config[key.name] = value
+    return config
+
+
+class Settings:
+    """The effective settings: each from a flag, else the environment, else the config file."""
+
+    def __init__(
+        self, args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
+    ) -> None:
+        self._args = args
+        self._env = environ
+        path = getattr(args, "config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
+        self._config = _load_config(path) if path else {}
+
+    def get(self, name: str) -> Any:
+        key = _KEYS[name]
+        value = getattr(self._args, name, None)
+        if value is not None:
+            return value
+        raw = self._env.get(ENV_PREFIX + name.upper()) if key.env else None
+        if raw is not None and raw != "":
+            where = ENV_PREFIX + name.upper()
+            if key.kind is bool:
+                return _parse_bool(raw, where)
+            if key.kind is int:
+                try:
+                    return int(raw)
+                except ValueError:
+                    raise UsageError(f"{where}: expected an integer, not {raw!r}") from None
+            return raw
+        return self._config.get(name, key.default)
+
+    def has_server(self) -> bool:
+        return self.get("host") is not None
+
+    def _secret(self, user: str, host: str) -> Callable[[], str]:
+        """How to get the password or token: env, command, prompt; checked now."""
+        command_flag = getattr(self._args, "password_command", None)
+        env_password = self._env.get(f"{ENV_PREFIX}PASSWORD")
+        command = command_flag or (None if env_password else self.get("password_command"))
+        if command:
+            return lambda: _run_password_command(command)
+        if env_password:
+            return lambda: env_password
+        if sys.stdin is not None and sys.stdin.isatty():
+            password = getpass.getpass(f"Password for {user} on {host}: ")
+            return lambda: password
+        raise UsageError(
+            f"no password: set {ENV_PREFIX}PASSWORD, use --password-command, "
+            "or run in a terminal to be asked"
+        )
+
+    def pool_options(self) -> dict[str, Any]:
+        """Keyword arguments for open_pool (the secret included)."""
+        host = self.get("host")
+        user = self.get("user")
+        if not host:
+            raise UsageError(f"no server: give --host or set {ENV_PREFIX}HOST")
+        if not user:
+            raise UsageError(f"no user: give --user or set {ENV_PREFIX}USER")
+        tls = self.get("tls")
+        if tls not in _TLS_MODES:
+            raise UsageError(f"tls must be one of {', '.join(_TLS_MODES)}, not {tls!r}")
+        auth = str(self.get("auth")).lower()
+        if auth not in _AUTH_MODES:
+            raise UsageError(f"auth must be one of {', '.join(_AUTH_MODES)}, not {auth!r}")
+        connections = self.get("connections")
+        if connections < 1:
+            raise UsageError("connections must be at least 1")
+        if self.get("batch_size") < 1:
+            raise UsageError("batch size must be at least 1")
+        options: dict[str, Any] = {
+            "host": host,
+            "port": self.get("port"),
+            "username": user,
+            "ssl": tls == "implicit",
+            "starttls": tls == "starttls",
+            "max_size": connections,
+            "insecure_plaintext": self.get("insecure_plaintext"),
+            "insecure_skip_tls_verify": self.get("insecure_skip_tls_verify"),
+        }
+        if self.get("ca_file"):
+            options["ca_file"] = os.path.expanduser(self.get("ca_file"))
+        secret = self._secret(user, host)
+        if auth in ("xoauth2", "oauthbearer"):
+            first = secret()
+
+            def token(refresh: bool) -> str:
+                return secret() if refresh else first
+
+            options["oauth2_token"] = token
+            options["auth_mechanism"] = auth.upper()
+        else:
+            options["password"] = secret()
+            options["auth_mechanism"] = "auto" if auth == "auto" else auth.upper()
+        return options
+
+
+def _run_password_command(command: str) -> str:
+    try:
+        result = subprocess.run(
+            command, shell=True, capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"the password command failed: {exc}") from exc
+    if result.returncode != 0:
+        raise UsageError(f"the password command failed with exit status {result.returncode}")
+    secret = result.stdout.rstrip("\r\n")
+    if not secret:
+        raise UsageError("the password command printed nothing")
+    return secret
+
+
+# -- the parser ----------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A Trio-native IMAP connection pool, and a mailbox exporter built on it.",
+        epilog=doc[doc.index("Commands:") :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="show each folder and what the pool did"
+    )
+    common.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (it is shown only when stderr is a terminal anyway)",
+    )
+
+    server = argparse.ArgumentParser(add_help=False)
+    group = server.add_argument_group("server (flags, else TRIO_IMAPPOOL_* variables, else config)")
+    group.add_argument("--config", metavar="FILE", help="a TOML file of settings")
+    group.add_argument("--host", help="the IMAP server")
+    group.add_argument("--port", type=int, help="default 993, or 143 with --starttls/--plain")
+    group.add_argument("--user", help="the account's user name")
+    group.add_argument(
+        "--password-command",
+        metavar="CMD",
+        help="a shell command that prints the password or token (e.g. 'pass show mail')",
+    )
+    group.add_argument(
+        "--auth",
+        choices=_AUTH_MODES,
+        help="login mechanism; xoauth2/oauthbearer take an OAuth2 access token as the password",
+    )
+    tls = group.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--starttls",
+        dest="tls",
+        action="store_const",
+        const="starttls",
+        help="plain connection upgraded with STARTTLS (port 143); required, never skipped",
+    )
+    tls.add_argument(
+        "--plain",
+        dest="tls",
+        action="store_const",
+        const="plain",
+        help="no TLS (allowed to loopback addresses only, unless --insecure-plaintext)",
+    )
+    group.add_argument("--ca-file", metavar="PEM", help="trust these CAs instead of the system's")
+    group.add_argument(
+        "--insecure-plaintext",
+        action="store_const",
+        const=True,
+        help="allow --plain to a host that is not loopback (sends the password in clear)",
+    )
+    group.add_argument(
+        "--insecure-skip-tls-verify",
+        action="store_const",
+        const=True,
+        help="accept any certificate (for testing only)",
+    )
+
+    work = argparse.ArgumentParser(add_help=False)
+    options = work.add_argument_group("export")
+    options.add_argument(
+        "-c",
+        "--connections",
+        type=int,
+        metavar="N",
+        help=f"pooled connections used at once (default {DEFAULT_CONNECTIONS})",
+    )
+    options.add_argument(
+        "--folder",
+        dest="folders",
+        action="append",
+        metavar="NAME",
+        help="a folder to export, or a pattern like 'Archive/*'; repeat for more (default: all)",
+    )
+    options.add_argument(
+        "--exclude", action="append", metavar="NAME", help="a folder or pattern to leave out"
+    )
+    options.add_argument("--batch-size", type=int, metavar="N", help="UIDs per FETCH (200)")
+    options.add_argument(
+        "--no-fsync",
+        dest="fsync",
+        action="store_const",
+        const=False,
+        help="do not flush files to disk (still safe if killed, not on a power cut)",
+    )
+
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = commands.add_parser(
+        "export",
+        parents=[common, server, work],
+        help="copy an account's folders into a local Maildir (resumable)",
+        description=(
+            "Copy the folders of an IMAP account into MAILDIR (Maildir++: INBOX at the top, "
+            "other folders as .Folder.Sub), one file per message with its flags, over N "
+            "pooled connections. A second run fetches only the messages not exported yet; an "
+            "interrupted run leaves no partial files. A folder whose UIDVALIDITY changed is "
+            "exported again, its old files moved to MAILDIR/trio-imappool-replaced/."
+        ),
+        epilog=doc[doc.index("Settings come") :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("maildir", nargs="?", metavar="MAILDIR", help="the destination")
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common, server, work],
+        help="export a seeded mailbox from a private Dovecot, and show what the pool did",
+        description=(
+            "With no --host: start a private Dovecot on 127.0.0.1 (Debian's dovecot-imapd, "
+            "a test CA), seed a mailbox, export it over implicit TLS into a temporary folder "
+            "(or --into), export again after new mail arrives, and show what the pool did. "
+            "With --host: export that account into the temporary folder, changing nothing "
+            "on the server."
+        ),
+    )
+    demo.add_argument("--into", metavar="DIR", help="export here instead of a temporary folder")
+    demo.add_argument("--folders", dest="demo_folders", type=int, default=6, help="default 6")
+    demo.add_argument("--messages", type=int, default=200, help="per folder (default 200)")
+    demo.add_argument("--max-size", dest="connections", type=int, help="the same as --connections")
+    demo.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="add this many ms each way (a proxy), to show what parallel connections buy",
+    )
+    return parser
+
+
+# -- errors: one line, one exit status -----------------------------------------------------------
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """The exit status name and the one-line message for an error."""
+    kind = "bug"
+    for item in _causes(exc):
+        if isinstance(item, UsageError | ConfigurationError):
+            kind = "usage"
+        elif isinstance(item, AuthenticationError):
+            kind = "authentication"
+        elif isinstance(item, TLSError):
+            kind = "tls"
+        elif isinstance(item, ConnectError | PoolTimeout):
+            kind = "connection"
+        elif isinstance(item, ExportError):
+            kind = "local"
+        elif isinstance(item, IMAPClientError):
+            kind = "imap"
+        elif isinstance(item, OSError):
+            kind = "connection"  # a network error in a command (files raise ExportError)
+        elif isinstance(item, PoolError):
+            kind = "imap"
+        else:
+            continue
+        break
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, UsageError):
+        message = f"{type(exc).__name__}: {message}"
+    return kind, message
+
+
+def _report_error(exc: BaseException, debug: bool, err: TextIO) -> int:
+    kind, message = classify(exc)
+    if debug:
+        traceback.print_exception(exc, file=err)
+    hint = "" if debug or kind != "bug" else " (run with --debug for the traceback)"
+    print(f"{PROG}: error: {message}{hint}", file=err)
+    return EXIT_CODES[kind]
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups: KeyboardInterrupt first."""
+    if isinstance(exc, BaseExceptionGroup):
+        interrupt = exc.subgroup(KeyboardInterrupt)
+        if interrupt is not None:
+            return KeyboardInterrupt()
+        rest = exc.split(trio.Cancelled)[1]
+        if rest is not None and len(rest.exceptions) == 1:
+            return _single(rest.exceptions[0])
+    return exc
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+class _ProgressBar:
+    """A tqdm bar of messages (folders and bytes in its postfix) on stderr; nothing when
+    stderr is not a terminal, when turned off, or when tqdm is not installed."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled and sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                tqdm = importlib.import_module("tqdm").tqdm  # the extra "cli"; untyped
+                self._bar = tqdm(total=0, unit="msg", desc="export", leave=False, file=sys.stderr)
+
+    def update(self, progress: ExportProgress) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        if bar.total != progress.messages_total:
+            bar.total = progress.messages_total
+        bar.set_postfix_str(
+            f"folders {progress.folders_done}/{progress.folders_total}, "
+            f"{_size(progress.bytes_done)}",
+            refresh=False,
+        )
+        bar.update(progress.messages_done - bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _print_result(
+    result: ExportResult, stats: PoolStatistics, root: Path, verbose: bool, out: TextIO
+) -> None:
+    folders = len(result.folders)
+    total = sum(f.exported for f in result.folders)
+    if verbose:
+        for f in result.folders:
+            note = ""
+            if f.uidvalidity_changed:
+                note = f"  new UIDVALIDITY: {f.moved_aside} old files moved aside"
+            print(
+                f"  {f.name:<24} {f.fetched:6} new {f.exported:7} in {f.path.relative_to(root)}"
+                f"{note}",
+                file=out,
+            )
+    for f in result.folders:
+        if f.uidvalidity_changed and not verbose:
+            print(
+                f"{f.name}: UIDVALIDITY changed, exported again "
+                f"({f.moved_aside} old files moved to trio-imappool-replaced/)",
+                file=out,
+            )
+        if f.changed:
+            print(f"{f.name}: changed on the server during the export: run again", file=out)
+    if result.messages_fetched:
+        print(
+            f"exported {result.messages_fetched} new messages "
+            f"({_size(result.bytes_fetched)}) from {result.folders_fetched} of {folders} "
+            f"folders in {result.elapsed:.2f} s ({result.messages_per_second:,.0f} messages/s) "
+            f"over {stats.connections_opened} connections; {total} messages in {root}",
+            file=out,
+        )
+    else:
+        print(
+            f"nothing new in {folders} folders ({total} messages in {root}); "
+            f"{result.elapsed:.2f} s",
+            file=out,
+        )
+    if verbose:
+        print(
+            f"pool: {stats.connections_opened} connections opened, "
+            f"{stats.connections_discarded} discarded, {stats.open_failures} failed opens, "
+            f"{stats.acquires} checkouts ({stats.acquire_waits} waited), "
+            f"{stats.selects} SELECTs by the pool",
+            file=out,
+        )
+
+
+def _print_statistics(stats: PoolStatistics, out: TextIO) -> None:
+    print("pool statistics:", file=out)
+    for field in dataclasses.fields(stats):
+        print(f"  {field.name:<22} {getattr(stats, field.name)}", file=out)
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+async def _export(
+    options: dict[str, Any], root: Path, settings: Settings, progress: bool
+) -> tuple[ExportResult, PoolStatistics]:
+    host = options.pop("host")
+    port = options.pop("port")
+    bar = _ProgressBar(progress)
+    try:
+        async with open_pool(host, port, **options) as pool:
+            result = await export_maildir(
+                pool,
+                root,
+                folders=settings.get("folders"),
+                exclude=settings.get("exclude") or (),
+                batch_size=settings.get("batch_size"),
+                max_connections=options["max_size"],
+                fsync=settings.get("fsync"),
+                progress=bar.update,
+            )
+        return result, pool.statistics()
+    finally:
+        bar.close()
+
+
+def _run_export(args: argparse.Namespace, out: TextIO) -> int:
+    settings = Settings(args, os.environ)
+    maildir = args.maildir or settings.get("maildir")
+    if not maildir:
+        raise UsageError("no destination: give MAILDIR (or maildir in the config file)")
+    root = Path(os.path.expanduser(maildir))
+    options = settings.pool_options()
+    result, stats = trio.run(_export, options, root, settings, args.progress)
+    _print_result(result, stats, root, args.verbose, out)
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    if args.demo_folders < 1 or args.messages < 1 or (args.connections or 1) < 1:
+        raise UsageError("--folders, --messages and --connections must be at least 1")
+    settings = Settings(args, os.environ)
+    with contextlib.ExitStack() as stack:
+        if args.into:
+            root = Path(os.path.expanduser(args.into))
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imappool-demo-")))
+            root = root / "Maildir"
+        if settings.has_server():
+            options = settings.pool_options()
+            print(f"exporting {options['username']} on {options['host']} into {root}", file=out)
+            result, stats = trio.run(_export, options, root, settings, args.progress)
+            _print_result(result, stats, root, True, out)
+            return 0
+        return _demo_with_dovecot(args, settings, root, stack, out)
+    raise AssertionError  # pragma: no cover
+
+
+def _demo_flags(folder: str, i: int) -> list[str]:
+    flags = []
+    if i % 3 == 0:
+        flags.append(r"\Seen")
+    if i % 7 == 0:
+        flags.append(r"\Flagged")
+    if i % 11 == 0:
+        flags.append(r"\Answered")
+    return flags
+
+
+def _demo_with_dovecot(
+    args: argparse.Namespace,
+    settings: Settings,
+    root: Path,
+    stack: contextlib.ExitStack,
+    out: TextIO,
+) -> int:
+    from .testing import DovecotNotFoundError, seed_folders, start_dovecot, start_proxy_thread
 
     try:
         import trustme  # noqa: F401
     except ImportError:
-        print(
-            "trio-imappool demo: the demo needs the trustme package: "
-            "pip install 'trio-imappool[demo]'",
-            file=sys.stderr,
-        )
-        return 2
-
-    names = ["INBOX"] + [f"Folder{i}" for i in range(1, folders)]
+        raise UsageError(
+            "the demo needs the trustme package: pip install 'trio-imappool[demo]'"
+        ) from None
+    names = ["INBOX", "Archive/2024", "Archive/2025", "Sent", "Lists/trio", "Drafts"]
+    names += [f"Folder{i}" for i in range(len(names), args.demo_folders)]
+    names = names[: args.demo_folders]
     try:
-        with start_dovecot(users={"demo": "demo-password"}) as server:
-            print(f"Dovecot {server.host}:{server.imaps_port} (implicit TLS, a test CA) started")
-            started = time.monotonic()
-            seed_folders(server, dict.fromkeys(names, messages))
-            print(
-                f"seeded {folders} folders x {messages} messages "
-                f"in {time.monotonic() - started:.2f} s"
-            )
-            trio.run(_show, server.pool_kwargs(), names, max_size)
+        server = stack.enter_context(start_dovecot(users={"demo": "demo-password"}))
     except DovecotNotFoundError as exc:
-        print(f"trio-imappool demo: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from exc
+    started = time.monotonic()
+    seed_folders(server, dict.fromkeys(names, args.messages), flags=_demo_flags)
+    print(
+        f"Dovecot on {server.host}:{server.imaps_port} (implicit TLS, a test CA); "
+        f"seeded {len(names)} folders x {args.messages} messages "
+        f"in {time.monotonic() - started:.2f} s",
+        file=out,
+    )
+    ca_file = server.base_dir / "ca.pem"
+    server.ca.cert_pem.write_to_path(str(ca_file))
+    port = server.imaps_port
+    if args.latency > 0:
+        proxy = stack.enter_context(
+            start_proxy_thread(server.host, port, up=args.latency / 1000, down=args.latency / 1000)
+        )
+        port = proxy.port
+        print(f"through a proxy adding {args.latency:g} ms each way", file=out)
+    options = {
+        "host": server.host,
+        "port": port,
+        "username": "demo",
+        "password": "demo-password",
+        "ssl": True,
+        "ca_file": str(ca_file),
+        "max_size": settings.get("connections"),
+    }
+    print(
+        f"\n$ {PROG} export --host {server.host} --port {port} --user demo "
+        f"--ca-file {ca_file} -c {options['max_size']} {root}",
+        file=out,
+    )
+    result, stats = trio.run(_export, dict(options), root, settings, args.progress)
+    _print_result(result, stats, root, True, out)
+    _show_files(root, out)
+
+    seed_folders(server, {names[0]: 3, names[-1]: 2}, flags=_demo_flags)
+    print("\n5 new messages arrive; the same command again:", file=out)
+    result, stats = trio.run(_export, dict(options), root, settings, args.progress)
+    _print_result(result, stats, root, args.verbose, out)
+
+    print("\nthe pool under a deadline:", file=out)
+    trio.run(_show_deadline, dict(options), names, out)
     return 0
 
 
-async def _show(settings: dict[str, Any], names: list[str], max_size: int) -> None:
-    async with open_pool(**settings, max_size=max_size) as pool:
-        started = trio.current_time()
+def _show_files(root: Path, out: TextIO) -> None:
+    inbox = sorted((root / "cur").iterdir())
+    subfolders = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    print(f"{root}: INBOX in cur/, subfolders {', '.join(subfolders)}", file=out)
+    for path in inbox[:3]:
+        print(f"  cur/{path.name}", file=out)
+
+
+async def _show_deadline(options: dict[str, Any], names: list[str], out: TextIO) -> None:
+    host, port = options.pop("host"), options.pop("port")
+    async with open_pool(host, port, **options) as pool:
         async with trio.open_nursery() as nursery:
             for name in names:
-                nursery.start_soon(_fetch_folder, pool, name)
-        elapsed = trio.current_time() - started
-        stats = pool.statistics()
-        print(
-            f"fetched {len(names)} folders from {len(names)} tasks over "
-            f"{stats.connections_opened} connections in {elapsed:.2f} s"
-        )
-
+                nursery.start_soon(_fetch_sizes, pool, name)
         # A deadline that fires while a command blocks in its worker thread: the command is
         # interrupted at once, and the connection is discarded, not returned.
         started = trio.current_time()
@@ -90,33 +729,48 @@ async def _show(settings: dict[str, Any], names: list[str], max_size: int) -> No
         print(
             f"a 0.2 s deadline on a blocked IDLE wait returned after "
             f"{trio.current_time() - started:.2f} s; connection #{interrupted} was discarded "
-            f"(pool size now {pool.statistics().size})"
+            f"(pool size now {pool.statistics().size})",
+            file=out,
         )
-        # Everyone at once again: the pool opens a replacement to get back to max_size.
         async with trio.open_nursery() as nursery:
             for name in names:
-                nursery.start_soon(_fetch_folder, pool, name, False)
-        print(f"fetched all again; pool size back to {pool.statistics().size}")
-        _print_statistics(pool)
+                nursery.start_soon(_fetch_sizes, pool, name)
+        print(
+            f"{len(names)} tasks fetched every folder again; "
+            f"pool size back to {pool.statistics().size}",
+            file=out,
+        )
+        _print_statistics(pool.statistics(), out)
 
 
-async def _fetch_folder(pool: Pool, name: str, report: bool = True) -> None:
-    async with pool.connection() as conn:
-        await conn.select_folder(name, readonly=True)
+async def _fetch_sizes(pool: Pool, name: str) -> None:
+    async with pool.connection(name, readonly=True) as conn:
         uids = await conn.search(["ALL"])
-        data = await conn.fetch(uids, ["RFC822.SIZE"])
-        size = sum(item[b"RFC822.SIZE"] for item in data.values())
-        if report:
-            print(
-                f"  {name:<10} {len(uids):5} messages {size:9,} bytes  on connection #{conn.number}"
-            )
+        await conn.fetch(uids, ["RFC822.SIZE"])
 
 
-def _print_statistics(pool: Pool) -> None:
-    stats = pool.statistics()
-    print("pool statistics:")
-    for field in type(stats).__dataclass_fields__:
-        print(f"  {field:<22} {getattr(stats, field)}")
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        if args.command == "export":
+            return _run_export(args, out)
+        return _demo(args, out)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; what was written stays: run again to go on", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
+    except BaseException as exc:
+        error = _single(exc)
+        if isinstance(error, KeyboardInterrupt):
+            print(f"{PROG}: interrupted; run again to go on", file=sys.stderr)
+            return EXIT_CODES["interrupted"]
+        if isinstance(error, SystemExit | GeneratorExit) or not isinstance(error, Exception):
+            raise
+        return _report_error(error, args.debug, sys.stderr)
 
 
 if __name__ == "__main__":

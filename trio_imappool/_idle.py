@@ -46,7 +46,7 @@ logger = logging.getLogger("trio_imappool")
 IDLE_LIMIT: Final = 29 * 60.0
 DEFAULT_RENEW_AFTER: Final = 25 * 60.0
 DEFAULT_POLL_INTERVAL: Final = 30.0
-DEFAULT_DONE_TIMEOUT: Final = 5.0
+DEFAULT_DONE_TIMEOUT: Final = 2.0
 #: At most this many responses are read in one thread hop; the rest stay buffered for the next.
 MAX_BATCH: Final = 1000
 
@@ -429,8 +429,8 @@ class IdleEvents:
         a response is being read in a worker thread (microseconds, or up to ``read_timeout``
         for a response split across a stalled network) interrupts the read at once; the
         connection is then discarded and later iterations raise
-        :class:`trio.BrokenResourceError`. Events already read are never lost to a
-        cancellation: they are returned by the next iteration.
+        :class:`trio.BrokenResourceError`. Events that the iterator holds are never lost to a
+        cancellation: the next iteration returns them.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()

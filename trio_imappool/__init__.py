@@ -44,6 +44,7 @@ from ._fanout import (
     search_many,
 )
 from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
+from ._idle import IdleEvent, IdleEvents, IdleStatistics
 from ._pool import Pool, open_pool
 from ._stats import PoolCounts, PoolStatistics
 
@@ -60,6 +61,9 @@ __all__ = [
     "FanOutError",
     "FetchResults",
     "GroupStatistics",
+    "IdleEvent",
+    "IdleEvents",
+    "IdleStatistics",
     "Pool",
     "PoolClosedError",
     "PoolConfig",

@@ -18,7 +18,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 from trio_util import AsyncValue
 
-from . import _fanout
+from . import _fanout, _idle
 from ._client import PooledClient, TrackingClient
 from ._config import PoolConfig
 from ._connection import Connection
@@ -270,6 +270,7 @@ class Pool:
     remove_flags_many = _fanout.remove_flags_many
     copy_many = _fanout.copy_many
     move_many = _fanout.move_many
+    idle = _idle.idle
 
     async def _acquire(
         self, wait_limit: float | None, want: tuple[str, bool] | None = None

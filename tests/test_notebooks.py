@@ -33,9 +33,31 @@ EXPECTED_OUTPUT: dict[str, list[str]] = {
         "acquires=7 ",
         "impatient task gave up waiting: True",
         "acquires=1 acquire_waits=2 acquire_timeouts=0 in_use=0",
+        "pool closed: True | <TrioRunner closed calls=0 background_tasks=0 contexts=0 errors=0>",
+        "server running: False",
+    ],
+    "02-cancellation.ipynb": [
+        "gave up waiting after 0.3 s: True",
+        "connections discarded: 0",
+        "IDLE wait cancelled after 0.5 s: True",
+        "connections discarded: 1",
+        "replacements opened: 1",
+        "cancelled in a command: ",
+        "after the crowd: size=",
+        "pool closed: True | <TrioRunner closed calls=0 background_tasks=0 contexts=0 errors=0>",
+        "server running: False",
+    ],
+    "03-throughput.ipynb": [
+        "400 messages in 8 folders",
+        "pool size |",
+        "baseline, plain imapclient, 1 connection, a folder per FETCH: ",
+        "proxy closed | <TrioRunner closed calls=0 background_tasks=0 contexts=0 errors=0>",
         "server running: False",
     ],
 }
+
+# Notebooks that draw a plot, and how many.
+EXPECTED_IMAGES: dict[str, int] = {"02-cancellation.ipynb": 1, "03-throughput.ipynb": 1}
 
 _KERNEL_CHECK = "import sys\nimport trio_imappool\nprint('kernel:', sys.executable)"
 
@@ -57,6 +79,19 @@ def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # IPython's profile and history, and Jupyter's connection files, stay out of $HOME.
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+
+
+@pytest.fixture
+def matplotlib_font_cache() -> None:
+    """Build matplotlib's font cache here, if it is missing, rather than in a notebook's kernel.
+
+    A first build that takes long logs "Matplotlib is building the font cache" to stderr, which
+    would fail the notebook that plots first. The kernel shares this process's environment, so
+    it finds the cache built.
+    """
+    import matplotlib.font_manager
+
+    assert matplotlib.font_manager.fontManager is not None
 
 
 def _read(path: Path) -> nbformat.NotebookNode:
@@ -84,7 +119,7 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
-@pytest.mark.usefixtures("python3_kernel")
+@pytest.mark.usefixtures("python3_kernel", "matplotlib_font_cache")
 def test_notebook_runs_headless(path: Path) -> None:
     nb = _read(path)
     nb.cells.append(nbformat.v4.new_code_cell(_KERNEL_CHECK))  # type: ignore[no-untyped-call]
@@ -106,3 +141,10 @@ def test_notebook_runs_headless(path: Path) -> None:
     stdout = "".join(_stream_text(cell, "stdout") for cell in code_cells)
     for expected in EXPECTED_OUTPUT.get(path.name, []):
         assert expected in stdout, f"{path.name}: {expected!r} not printed:\n{stdout}"
+    images = [
+        out
+        for cell in code_cells
+        for out in cell.outputs
+        if out.output_type == "display_data" and "image/png" in out.get("data", {})
+    ]
+    assert len(images) == EXPECTED_IMAGES.get(path.name, 0), f"{path.name}: plots drawn"

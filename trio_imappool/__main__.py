@@ -33,6 +33,8 @@ import contextlib
 import dataclasses
 import getpass
 import importlib
+import ipaddress
+import logging
 import os
 import subprocess
 import sys
@@ -55,7 +57,13 @@ from ._errors import (
     PoolTimeout,
     TLSError,
 )
-from ._export import ExportError, ExportProgress, ExportResult, export_maildir
+from ._export import (
+    ExportError,
+    ExportProgress,
+    ExportResult,
+    FolderNotFoundError,
+    export_maildir,
+)
 from ._pool import Pool, open_pool
 from ._stats import PoolStatistics
 
@@ -227,6 +235,11 @@ class Settings:
             raise UsageError("connections must be at least 1")
         if self.get("batch_size") < 1:
             raise UsageError("batch size must be at least 1")
+        if tls == "plain" and not self.get("insecure_plaintext") and not _is_loopback(host):
+            raise UsageError(
+                f"refusing to send the password without TLS to {host}: use TLS (the default), "
+                "--starttls, or --insecure-plaintext if you must"
+            )
         options: dict[str, Any] = {
             "host": host,
             "port": self.get("port"),
@@ -254,6 +267,15 @@ class Settings:
         return options
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _run_password_command(command: str) -> str:
     try:
         result = subprocess.run(
@@ -274,8 +296,10 @@ def _run_password_command(command: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
+    # No abbreviations: "--password x" must not pass for "--password-command x".
     parser = argparse.ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,
         description="A Trio-native IMAP connection pool, and a mailbox exporter built on it.",
         epilog=doc[doc.index("Commands:") :],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -369,6 +393,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         parents=[common, server, work],
+        allow_abbrev=False,
         help="copy an account's folders into a local Maildir (resumable)",
         description=(
             "Copy the folders of an IMAP account into MAILDIR (Maildir++: INBOX at the top, "
@@ -385,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         parents=[common, server, work],
+        allow_abbrev=False,
         help="export a seeded mailbox from a private Dovecot, and show what the pool did",
         description=(
             "With no --host: start a private Dovecot on 127.0.0.1 (Debian's dovecot-imapd, "
@@ -421,10 +447,15 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
-    """The exit status name and the one-line message for an error."""
-    kind = "bug"
+    """The exit status name (a key of :data:`EXIT_CODES`) and a one-line message for an error.
+
+    The error and its ``__cause__`` chain are looked at in order, so a
+    :class:`~trio_imappool.FanOutError` caused by a lost connection counts as a connection
+    error.
+    """
+    kind = None
     for item in _causes(exc):
-        if isinstance(item, UsageError | ConfigurationError):
+        if isinstance(item, UsageError | ConfigurationError | FolderNotFoundError):
             kind = "usage"
         elif isinstance(item, AuthenticationError):
             kind = "authentication"
@@ -438,11 +469,11 @@ def classify(exc: BaseException) -> tuple[str, str]:
             kind = "imap"
         elif isinstance(item, OSError):
             kind = "connection"  # a network error in a command (files raise ExportError)
-        elif isinstance(item, PoolError):
-            kind = "imap"
         else:
             continue
         break
+    if kind is None:
+        kind = "imap" if isinstance(exc, PoolError) else "bug"
     message = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, UsageError):
         message = f"{type(exc).__name__}: {message}"
@@ -520,11 +551,8 @@ def _print_result(
             note = ""
             if f.uidvalidity_changed:
                 note = f"  new UIDVALIDITY: {f.moved_aside} old files moved aside"
-            print(
-                f"  {f.name:<24} {f.fetched:6} new {f.exported:7} in {f.path.relative_to(root)}"
-                f"{note}",
-                file=out,
-            )
+            where = "cur/" if f.path == root else f"{f.path.name}/cur/"
+            print(f"  {f.name:<24} {f.fetched:6} new {f.exported:7} in {where}{note}", file=out)
     for f in result.folders:
         if f.uidvalidity_changed and not verbose:
             print(
@@ -532,8 +560,6 @@ def _print_result(
                 f"({f.moved_aside} old files moved to trio-imappool-replaced/)",
                 file=out,
             )
-        if f.changed:
-            print(f"{f.name}: changed on the server during the export: run again", file=out)
     if result.messages_fetched:
         print(
             f"exported {result.messages_fetched} new messages "
@@ -552,8 +578,7 @@ def _print_result(
         print(
             f"pool: {stats.connections_opened} connections opened, "
             f"{stats.connections_discarded} discarded, {stats.open_failures} failed opens, "
-            f"{stats.acquires} checkouts ({stats.acquire_waits} waited), "
-            f"{stats.selects} SELECTs by the pool",
+            f"{stats.acquires} checkouts ({stats.acquire_waits} waited)",
             file=out,
         )
 
@@ -606,7 +631,7 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    if args.demo_folders < 1 or args.messages < 1 or (args.connections or 1) < 1:
+    if min(args.demo_folders, args.messages, settings_connections(args)) < 1:
         raise UsageError("--folders, --messages and --connections must be at least 1")
     settings = Settings(args, os.environ)
     with contextlib.ExitStack() as stack:
@@ -623,6 +648,10 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
             return 0
         return _demo_with_dovecot(args, settings, root, stack, out)
     raise AssertionError  # pragma: no cover
+
+
+def settings_connections(args: argparse.Namespace) -> int:
+    return DEFAULT_CONNECTIONS if args.connections is None else int(args.connections)
 
 
 def _demo_flags(folder: str, i: int) -> list[str]:
@@ -685,7 +714,8 @@ def _demo_with_dovecot(
         "max_size": settings.get("connections"),
     }
     print(
-        f"\n$ {PROG} export --host {server.host} --port {port} --user demo "
+        f"\n$ TRIO_IMAPPOOL_PASSWORD=demo-password {PROG} export --host {server.host} "
+        f"--port {port} --user demo "
         f"--ca-file {ca_file} -c {options['max_size']} {root}",
         file=out,
     )
@@ -735,6 +765,8 @@ async def _show_deadline(options: dict[str, Any], names: list[str], out: TextIO)
         async with trio.open_nursery() as nursery:
             for name in names:
                 nursery.start_soon(_fetch_sizes, pool, name)
+        with trio.move_on_after(5):  # a replacement may still be opening: let it finish
+            await pool.counts.wait_value(lambda counts: counts.opening == 0)
         print(
             f"{len(names)} tasks fetched every folder again; "
             f"pool size back to {pool.statistics().size}",
@@ -756,6 +788,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     out = sys.stdout
+    with _logging(args.debug, args.verbose):
+        return _main(args, out)
+
+
+@contextlib.contextmanager
+def _logging(debug: bool, verbose: bool) -> Iterator[None]:
+    """The library's log records on stderr, one line each: errors only by default (the error
+    that ends the run is reported once, by main), warnings with --verbose, all with --debug."""
+    logger = logging.getLogger("trio_imappool")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING if verbose else logging.ERROR)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _main(args: argparse.Namespace, out: TextIO) -> int:
     try:
         if args.command == "export":
             return _run_export(args, out)

@@ -149,3 +149,12 @@ def test_errors_are_classified_by_their_cause_chain() -> None:
     assert classify(caused(fan, TimeoutError()))[0] == "connection"
     assert classify(ValueError("oops"))[0] == "bug"
     assert classify(UsageError("two\nlines")) == ("usage", "two lines")
+
+
+def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--plain", "--starttls"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "trio-imappool export: error: --starttls and --plain exclude each other (see --help)"
+    ]

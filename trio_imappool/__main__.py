@@ -5,14 +5,16 @@ Commands:
           connections; run it again and it fetches only what it has not copied yet
   demo    start a private Dovecot, seed a mailbox, export it, and show what the pool did
 
-Settings come from, first found wins: the command line, environment variables
-(TRIO_IMAPPOOL_HOST, _PORT, _USER, _PASSWORD, _PASSWORD_COMMAND, _TLS, _CA_FILE,
-_CONNECTIONS, _CONFIG), the TOML file given by --config or TRIO_IMAPPOOL_CONFIG
-(keys named like the long options: host, port, user, password_command, tls = "implicit" |
-"starttls" | "plain", ca_file, connections, folders = [...], maildir, ...), then defaults.
-The password (or OAuth2 token) is read from TRIO_IMAPPOOL_PASSWORD, from the standard
-output of --password-command, or from a prompt when standard input is a terminal; never
-from the command line.
+Settings come from, first found wins: the command line; environment variables
+TRIO_IMAPPOOL_<SETTING> (HOST, PORT, USER, PASSWORD_COMMAND, TLS, CA_FILE, CONNECTIONS,
+MAILDIR, ...); the TOML file named by --config or TRIO_IMAPPOOL_CONFIG, with keys named
+like the long options (host, port, user, password_command, auth, tls = "implicit" |
+"starttls" | "plain", ca_file, connections, batch_size, fsync, folders = [...],
+exclude = [...], maildir); then the defaults.
+The password (or OAuth2 token, with --auth xoauth2) is the standard output of
+--password-command if given, else TRIO_IMAPPOOL_PASSWORD, else the output of a
+password_command from the environment or the config file, else asked for when standard
+input is a terminal; never a command-line argument, never in the config file.
 
 Exit status:
   0    done
@@ -39,12 +41,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import tomllib
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import trio
 from imapclient.exceptions import IMAPClientError
@@ -64,6 +67,7 @@ from ._export import (
     FolderNotFoundError,
     export_maildir,
 )
+from ._fanout import DEFAULT_BATCH_SIZE
 from ._pool import Pool, open_pool
 from ._stats import PoolStatistics
 
@@ -118,7 +122,7 @@ _KEYS = {
         _Key("insecure_plaintext", bool, False),
         _Key("insecure_skip_tls_verify", bool, False),
         _Key("connections", int, DEFAULT_CONNECTIONS),
-        _Key("batch_size", int, 200),
+        _Key("batch_size", int, DEFAULT_BATCH_SIZE),
         _Key("fsync", bool, True),
         _Key("maildir", str),
         _Key("folders", list, env=False),
@@ -294,17 +298,43 @@ def _run_password_command(command: str) -> str:
 # -- the parser ----------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line too (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CODES["usage"], f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _TLSMode(argparse.Action):
+    """--starttls or --plain (one of them at most); implicit TLS when neither."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) not in (None, self.const):
+            parser.error("--starttls and --plain exclude each other")
+        setattr(namespace, self.dest, self.const)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=88)
+
+
 def _parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     # No abbreviations: "--password x" must not pass for "--password-command x".
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         allow_abbrev=False,
         description="A Trio-native IMAP connection pool, and a mailbox exporter built on it.",
         epilog=doc[doc.index("Commands:") :],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument(
         "-v", "--verbose", action="store_true", help="show each folder and what the pool did"
@@ -316,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
         help="no progress bar (it is shown only when stderr is a terminal anyway)",
     )
 
-    server = argparse.ArgumentParser(add_help=False)
+    server = _Parser(add_help=False)
     group = server.add_argument_group("server (flags, else TRIO_IMAPPOOL_* variables, else config)")
     group.add_argument("--config", metavar="FILE", help="a TOML file of settings")
     group.add_argument("--host", help="the IMAP server")
@@ -332,21 +362,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=_AUTH_MODES,
         help="login mechanism; xoauth2/oauthbearer take an OAuth2 access token as the password",
     )
-    tls = group.add_mutually_exclusive_group()
-    tls.add_argument(
-        "--starttls",
-        dest="tls",
-        action="store_const",
-        const="starttls",
-        help="plain connection upgraded with STARTTLS (port 143); required, never skipped",
-    )
-    tls.add_argument(
-        "--plain",
-        dest="tls",
-        action="store_const",
-        const="plain",
-        help="no TLS (allowed to loopback addresses only, unless --insecure-plaintext)",
-    )
+    for flag, mode, text in (
+        ("--starttls", "starttls", "plain connection upgraded with STARTTLS (port 143), required"),
+        ("--plain", "plain", "no TLS (to loopback only, unless --insecure-plaintext)"),
+    ):
+        group.add_argument(flag, dest="tls", action=_TLSMode, nargs=0, const=mode, help=text)
     group.add_argument("--ca-file", metavar="PEM", help="trust these CAs instead of the system's")
     group.add_argument(
         "--insecure-plaintext",
@@ -361,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
         help="accept any certificate (for testing only)",
     )
 
-    work = argparse.ArgumentParser(add_help=False)
+    work = _Parser(add_help=False)
     options = work.add_argument_group("export")
     options.add_argument(
         "-c",
@@ -380,7 +400,9 @@ def _parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--exclude", action="append", metavar="NAME", help="a folder or pattern to leave out"
     )
-    options.add_argument("--batch-size", type=int, metavar="N", help="UIDs per FETCH (200)")
+    options.add_argument(
+        "--batch-size", type=int, metavar="N", help=f"UIDs per FETCH ({DEFAULT_BATCH_SIZE})"
+    )
     options.add_argument(
         "--no-fsync",
         dest="fsync",
@@ -395,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common, server, work],
         allow_abbrev=False,
         help="copy an account's folders into a local Maildir (resumable)",
-        description=(
+        description=_wrap(
             "Copy the folders of an IMAP account into MAILDIR (Maildir++: INBOX at the top, "
             "other folders as .Folder.Sub), one file per message with its flags, over N "
             "pooled connections. A second run fetches only the messages not exported yet; an "
@@ -541,6 +563,11 @@ class _ProgressBar:
             self._bar.close()
 
 
+def _n(count: int, word: str) -> str:
+    """``1 message``, ``2 messages``."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
 def _print_result(
     result: ExportResult, stats: PoolStatistics, root: Path, verbose: bool, out: TextIO
 ) -> None:
@@ -557,28 +584,29 @@ def _print_result(
         if f.uidvalidity_changed and not verbose:
             print(
                 f"{f.name}: UIDVALIDITY changed, exported again "
-                f"({f.moved_aside} old files moved to trio-imappool-replaced/)",
+                f"({_n(f.moved_aside, 'old file')} moved to trio-imappool-replaced/)",
                 file=out,
             )
     if result.messages_fetched:
         print(
-            f"exported {result.messages_fetched} new messages "
-            f"({_size(result.bytes_fetched)}) from {result.folders_fetched} of {folders} "
-            f"folders in {result.elapsed:.2f} s ({result.messages_per_second:,.0f} messages/s) "
-            f"over {stats.connections_opened} connections; {total} messages in {root}",
+            f"exported {_n(result.messages_fetched, 'new message')} "
+            f"({_size(result.bytes_fetched)}) from {result.folders_fetched} of "
+            f"{_n(folders, 'folder')} in {result.elapsed:.2f} s "
+            f"({result.messages_per_second:,.0f} messages/s) over "
+            f"{_n(stats.connections_opened, 'connection')}; {_n(total, 'message')} in {root}",
             file=out,
         )
     else:
         print(
-            f"nothing new in {folders} folders ({total} messages in {root}); "
+            f"nothing new in {_n(folders, 'folder')} ({_n(total, 'message')} in {root}); "
             f"{result.elapsed:.2f} s",
             file=out,
         )
     if verbose:
         print(
-            f"pool: {stats.connections_opened} connections opened, "
-            f"{stats.connections_discarded} discarded, {stats.open_failures} failed opens, "
-            f"{stats.acquires} checkouts ({stats.acquire_waits} waited)",
+            f"pool: {_n(stats.connections_opened, 'connection')} opened, "
+            f"{stats.connections_discarded} discarded, {_n(stats.open_failures, 'failed open')}, "
+            f"{_n(stats.acquires, 'checkout')} ({stats.acquire_waits} waited)",
             file=out,
         )
 
@@ -631,7 +659,7 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    if min(args.demo_folders, args.messages, settings_connections(args)) < 1:
+    if min(args.demo_folders, args.messages, _connections(args)) < 1:
         raise UsageError("--folders, --messages and --connections must be at least 1")
     settings = Settings(args, os.environ)
     with contextlib.ExitStack() as stack:
@@ -647,10 +675,10 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
             _print_result(result, stats, root, True, out)
             return 0
         return _demo_with_dovecot(args, settings, root, stack, out)
-    raise AssertionError  # pragma: no cover
+    raise AssertionError  # pragma: no cover (for mypy: ExitStack might swallow exceptions)
 
 
-def settings_connections(args: argparse.Namespace) -> int:
+def _connections(args: argparse.Namespace) -> int:
     return DEFAULT_CONNECTIONS if args.connections is None else int(args.connections)
 
 
@@ -723,8 +751,11 @@ def _demo_with_dovecot(
     _print_result(result, stats, root, True, out)
     _show_files(root, out)
 
-    seed_folders(server, {names[0]: 3, names[-1]: 2}, flags=_demo_flags)
-    print("\n5 new messages arrive; the same command again:", file=out)
+    arriving = {names[0]: 3}
+    arriving[names[-1]] = arriving.get(names[-1], 0) + 2
+    seed_folders(server, arriving, flags=_demo_flags)
+    count = sum(arriving.values())
+    print(f"\n{count} new messages arrive; the same command again:", file=out)
     result, stats = trio.run(_export, dict(options), root, settings, args.progress)
     _print_result(result, stats, root, args.verbose, out)
 

@@ -32,6 +32,14 @@ from ._errors import (
     ReleasedConnectionError,
     TLSError,
 )
+from ._export import (
+    ExportError,
+    ExportProgress,
+    ExportResult,
+    FolderNotFoundError,
+    FolderReport,
+    export_maildir,
+)
 from ._fanout import (
     FanOutError,
     FetchResults,
@@ -58,8 +66,13 @@ __all__ = [
     "Connection",
     "ConnectionLimitError",
     "CredentialsProvider",
+    "ExportError",
+    "ExportProgress",
+    "ExportResult",
     "FanOutError",
     "FetchResults",
+    "FolderNotFoundError",
+    "FolderReport",
     "GroupStatistics",
     "IdleEvent",
     "IdleEvents",
@@ -78,6 +91,7 @@ __all__ = [
     "TokenProvider",
     "add_flags_many",
     "copy_many",
+    "export_maildir",
     "fetch_many",
     "move_many",
     "open_pool",

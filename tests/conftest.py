@@ -9,6 +9,9 @@ where a hang is the failure being tested); cancellation tests end with
 from __future__ import annotations
 
 import itertools
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +39,24 @@ def account(dovecot: DovecotServer) -> dict[str, Any]:
 def tls_account(dovecot: DovecotServer, account: dict[str, Any]) -> dict[str, Any]:
     """The same user as ``account``, over implicit TLS with the test CA."""
     return dovecot.pool_kwargs(account["username"], tls=True)
+
+
+@pytest.fixture
+def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the ``python3`` Jupyter kernel this interpreter, ahead of any other installed spec
+    (for the notebook tests)."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (trio-imappool tests)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # IPython's profile and history, and Jupyter's connection files, stay out of $HOME.
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
 
 
 def assert_consistent(pool: Pool) -> None:

@@ -13,14 +13,11 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
-import json
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import nbclient
@@ -515,22 +512,6 @@ except asyncio.CancelledError:
 print(await trio_runner.run(trio.sleep, 0), trio_runner)
 await trio_runner.close()""",
 ]
-
-
-@pytest.fixture
-def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the ``python3`` kernel this interpreter (as tests/test_notebooks.py does)."""
-    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (trio-imappool tests)",
-        "language": "python",
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
 
 
 @pytest.mark.usefixtures("python3_kernel")

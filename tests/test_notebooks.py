@@ -8,7 +8,6 @@ installed, the tests put a ``python3`` kernelspec for ``sys.executable`` first o
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,23 +61,6 @@ EXPECTED_IMAGES: dict[str, int] = {"02-cancellation.ipynb": 1, "03-throughput.ip
 _KERNEL_CHECK = "import sys\nimport trio_imappool\nprint('kernel:', sys.executable)"
 
 pytestmark = pytest.mark.skipif(not NOTEBOOKS, reason="no notebooks")
-
-
-@pytest.fixture
-def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the ``python3`` kernel this interpreter, ahead of any other installed spec."""
-    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (trio-imappool tests)",
-        "language": "python",
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    # IPython's profile and history, and Jupyter's connection files, stay out of $HOME.
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
 
 
 @pytest.fixture

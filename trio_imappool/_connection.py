@@ -34,7 +34,9 @@ def _make_command(name: str) -> Callable[..., Awaitable[Any]]:
     command.__name__ = name
     command.__qualname__ = f"Connection.{name}"
     command.__doc__ = (
-        f"Awaitable :meth:`imapclient.IMAPClient.{name}`; same arguments and result.\n\n"
+        f"Awaitable :meth:`imapclient.IMAPClient.{name}`; same arguments and result, run in a "
+        "worker thread.\n\n**Cancellation**: a checkpoint; a cancellation while the command "
+        "runs interrupts it at once and the connection is discarded when released.\n\n"
         + inspect.cleandoc(method.__doc__ or "")
     )
     command.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]

@@ -324,10 +324,9 @@ class Pool:
 
     def _usable(self, slot: PooledClient) -> bool:
         """The checks a checkout makes without a round trip; drops the connection if one fails."""
+        self._mark_if_stale(slot)
         if slot.broken is None:
-            if slot.created_at < self._invalid_before:
-                slot.broken = "opened before a server failure"
-            elif trio.current_time() >= slot.expires_at:
+            if trio.current_time() >= slot.expires_at:
                 slot.broken = "reached max_lifetime"
             elif slot.server_spoke():
                 slot.broken = "the server closed it or spoke unasked while it was idle"
@@ -356,9 +355,7 @@ class Pool:
                 chosen = slot
                 del idle[i]
                 break
-        for slot in idle:
-            self._idle_send.send_nowait(slot)
-        self._idle += len(idle)
+        self._put_back(idle)
         return chosen
 
     async def _noop_check(self, slot: PooledClient) -> bool:
@@ -432,8 +429,7 @@ class Pool:
                 slot.broken = "left in IDLE by its user"
         if slot.server_gone:
             self._invalidate(f"#{slot.number} lost its server ({slot.broken})")
-        if slot.broken is None and slot.created_at < self._invalid_before:
-            slot.broken = "opened before a server failure or drain()"
+        self._mark_if_stale(slot)
         if slot.broken is not None or self._closed:
             self._drop(slot, discarded=slot.broken is not None)
         elif slot.last_used >= slot.expires_at:
@@ -496,9 +492,7 @@ class Pool:
         """
         idle = self._take_all_idle()
         closing, keep = idle[:count], idle[count:]
-        for slot in keep:
-            self._idle_send.send_nowait(slot)
-        self._idle += len(keep)
+        self._put_back(keep)
         for slot in closing:
             self._retire(slot)
         self._publish()
@@ -524,6 +518,17 @@ class Pool:
             except trio.WouldBlock:
                 self._idle -= len(taken)
                 return taken
+
+    def _put_back(self, slots: list[PooledClient]) -> None:
+        """Return idle connections taken by :meth:`_take_all_idle`, in their order."""
+        for slot in slots:
+            self._idle_send.send_nowait(slot)
+        self._idle += len(slots)
+
+    def _mark_if_stale(self, slot: PooledClient) -> None:
+        """Mark *slot* broken if it was opened before a server failure or drain()."""
+        if slot.broken is None and slot.created_at < self._invalid_before:
+            slot.broken = "opened before a server failure or drain()"
 
     def _retire(self, slot: PooledClient) -> None:
         """Close a healthy connection politely (LOGOUT) in the background."""
@@ -556,8 +561,8 @@ class Pool:
         keep: list[PooledClient] = []
         retired = 0
         for slot in idle:
-            if slot.broken is not None or slot.created_at < self._invalid_before:
-                slot.broken = slot.broken or "opened before a server failure or drain()"
+            self._mark_if_stale(slot)
+            if slot.broken is not None:
                 self._drop(slot, discarded=True)
             elif now >= slot.expires_at or (
                 now - slot.last_used >= config.max_idle
@@ -570,9 +575,7 @@ class Pool:
                 self._nursery.start_soon(self._keepalive, slot)
             else:
                 keep.append(slot)
-        for slot in keep:
-            self._idle_send.send_nowait(slot)
-        self._idle += len(keep)
+        self._put_back(keep)
         limiter = self._size_limiter
         if (
             self._limit_lowered_at is not None

@@ -3,17 +3,19 @@ statistics and closing."""
 
 from __future__ import annotations
 
+import imaplib
 import math
 import socket
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from imapclient import IMAPClient
+from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 import trio_imappool
@@ -26,8 +28,8 @@ from trio_imappool import (
     ReleasedConnectionError,
     open_pool,
 )
-from trio_imappool._client import PooledClient
-from trio_imappool.testing import DovecotServer, seed_folders
+from trio_imappool._client import PooledClient, TrackingClient
+from trio_imappool.testing import DovecotServer, open_fault_proxy, seed_folders
 
 from .conftest import assert_consistent, assert_settled
 
@@ -81,6 +83,53 @@ async def test_starttls_upgrades_the_plain_port(
     async with open_pool(**settings) as pool:
         cipher = await pool.run_sync(lambda client: client._imap.sock.cipher())
     assert cipher is not None
+
+
+async def test_opening_takes_the_capabilities_from_the_greeting(account: dict[str, Any]) -> None:
+    """Dovecot's greeting lists its capabilities, so opening sends no CAPABILITY: with nothing
+    getting through from client to server, the pool's client still gets past the greeting,
+    where plain imapclient waits for the answer to the CAPABILITY it sent."""
+
+    def connect(cls: type[IMAPClient], host: str, port: int) -> IMAPClient:
+        return cls(host, port, ssl=False, timeout=SocketTimeout(connect=1.0, read=1.0))
+
+    async with open_fault_proxy(account["host"], account["port"]) as proxy:
+        proxy.stall("up")
+        client = await trio.to_thread.run_sync(connect, TrackingClient, proxy.host, proxy.port)
+        assert proxy.statistics().bytes_up == 0
+        assert b"IMAP4REV1" in client.capabilities()
+        with pytest.raises((OSError, imaplib.IMAP4.abort)):
+            await trio.to_thread.run_sync(connect, IMAPClient, proxy.host, proxy.port)
+        proxy.resume("up")
+        # The capabilities after LOGIN are the server's new list, not the greeting's.
+        await trio.to_thread.run_sync(client.login, account["username"], account["password"])
+        assert b"IDLE" not in client._imap.capabilities  # Dovecot adds it after login
+        assert b"IDLE" in await trio.to_thread.run_sync(client.capabilities)
+        await trio.to_thread.run_sync(client.logout)
+
+
+async def test_a_greeting_without_capabilities_still_gets_them_asked_for() -> None:
+    """The fallback, against a small scripted server: a bare greeting, then CAPABILITY."""
+    received: list[bytes] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"* OK ready\r\n")
+        line = await stream.receive_some()
+        received.append(line)
+        tag = line.split()[0]
+        await stream.send_all(b"* CAPABILITY IMAP4rev1 X-SCRIPTED\r\n" + tag + b" OK done\r\n")
+        await stream.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = await trio.to_thread.run_sync(
+            lambda: TrackingClient("127.0.0.1", port, ssl=False, timeout=2.0)
+        )
+        assert [line.split()[1:] for line in received] == [[b"CAPABILITY"]]
+        assert b"X-SCRIPTED" in client.capabilities()
+        client.shutdown()
+        nursery.cancel_scope.cancel()
 
 
 async def test_one_task_may_hold_two_connections_to_copy_between_folders(

@@ -16,6 +16,7 @@ the connection is never handed out again either way.
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import math
 import select
 import socket
@@ -25,6 +26,10 @@ from typing import Any, Final, TypeVar
 
 import trio
 from imapclient import IMAPClient, SocketTimeout
+from imapclient.imap4 import IMAP4WithTimeout
+from imapclient.imapclient import join_message_ids, seq_to_parenstr_upper
+from imapclient.response_parser import parse_fetch_response
+from imapclient.tls import IMAP4_TLS
 
 from ._config import PoolConfig
 from ._errors import (
@@ -47,6 +52,37 @@ _RUNNING: Final = 1  # the thread is inside the call
 _ABANDONED: Final = 2  # the task left before the thread started it: it will not run
 _ORPHANED: Final = 3  # the task left while the thread was inside the call
 _FINISHED: Final = 4
+
+
+class _GreetingCapabilities:
+    """imaplib asks for CAPABILITY after the greeting even when the greeting carried them.
+
+    Servers that put ``[CAPABILITY ...]`` in their greeting (Dovecot, Cyrus, most providers)
+    have already said everything that command would return (RFC 9051 7.1), so this takes the
+    list from the greeting and saves a round trip on every connection the pool opens. Later
+    reads (after STARTTLS or LOGIN) go to the server as before.
+    """
+
+    _greeted = False
+    untagged_responses: dict[str, list[Any]]
+    capabilities: tuple[str, ...]
+
+    def _get_capabilities(self) -> None:
+        if not self._greeted:
+            self._greeted = True
+            announced = self.untagged_responses.pop("CAPABILITY", None)
+            if announced and isinstance(announced[-1], bytes):
+                self.capabilities = tuple(str(announced[-1], "ascii").upper().split())
+                return
+        super()._get_capabilities()  # type: ignore[misc]
+
+
+class _PlainIMAP4(_GreetingCapabilities, IMAP4WithTimeout):  # type: ignore[misc]
+    pass
+
+
+class _TLSIMAP4(_GreetingCapabilities, IMAP4_TLS):  # type: ignore[misc]
+    pass
 
 
 class TrackingClient(IMAPClient):  # type: ignore[misc]
@@ -72,6 +108,50 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         result: dict[bytes, Any] = super().select_folder(folder, readonly)
         self.selected = (folder, readonly)
         return result
+
+    def examine_and_fetch(
+        self, folder: str, uids: list[int], data: list[str | bytes]
+    ) -> tuple[dict[bytes, Any], dict[int, dict[bytes, Any]]]:
+        """EXAMINE *folder* and ``UID FETCH`` *uids* in one round trip: both commands are sent
+        before either answer is read. Returns what :meth:`select_folder` and :meth:`fetch`
+        would return, one after the other.
+
+        IMAP allows the pipelining (RFC 9051 5.5: the server runs the commands in order); a
+        failed EXAMINE leaves no folder selected, so the FETCH then fails too and its answer
+        is read and dropped before the EXAMINE's error is raised: no data of another folder
+        is ever returned.
+        """
+        imap = self._imap
+        self.selected = None
+        imap.untagged_responses = {}  # as imaplib's select() does: nothing stale is read
+        imap.is_readonly = True
+        examine = imap._command("EXAMINE", self._normalise_folder(folder))
+        state = imap.state
+        # imaplib sends UID commands only in the selected state, which the server will be in
+        # by the time it reads this one.
+        imap.state = "SELECTED"
+        try:
+            fetch = imap._command(
+                "UID", "FETCH", join_message_ids(uids), seq_to_parenstr_upper(data)
+            )
+        finally:
+            imap.state = state
+        typ, answer = imap._command_complete("EXAMINE", examine)
+        if typ != "OK":
+            imap.state = "AUTH"
+            with contextlib.suppress(imaplib.IMAP4.error):
+                imap._command_complete("FETCH", fetch)
+            self._checkok("select", typ, answer)  # raises
+        imap.state = "SELECTED"
+        self.selected = (folder, True)
+        selected = self._process_select_response(imap.untagged_responses)
+        typ, answer = imap._command_complete("FETCH", fetch)
+        self._checkok("fetch", typ, answer)
+        _, answer = imap._untagged_response(typ, answer, "FETCH")
+        response = parse_fetch_response(answer, self.normalise_times, True)
+        # Unsolicited FETCH responses (flag changes of other messages) are dropped.
+        fetched = {uid: response[uid] for uid in uids if uid in response}
+        return selected, fetched
 
     def unselect_folder(self) -> Any:
         try:
@@ -102,6 +182,12 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         self.logged_out = True
         super().shutdown()
 
+    def _create_IMAP4(self) -> imaplib.IMAP4:
+        connect_timeout = getattr(self._timeout, "connect", None)
+        if self.ssl:
+            return _TLSIMAP4(self.host, self.port, self.ssl_context, connect_timeout)
+        return _PlainIMAP4(self.host, self.port, connect_timeout)
+
     def restore_defaults(self) -> None:
         """Undo attribute changes a previous user may have made (no I/O)."""
         self.use_uid = True
@@ -113,8 +199,8 @@ def open_client(config: PoolConfig, token: str | None = None) -> TrackingClient:
     """Connect, upgrade if asked, and log in. Blocking; runs in a worker thread.
 
     Every step is bounded: the connect timeout covers TCP connect, TLS handshake, greeting and
-    CAPABILITY; the login timeout covers STARTTLS and the login. *token* is the OAuth2 access
-    token when the pool logs in with one.
+    CAPABILITY (asked for only when the greeting lacks it); the login timeout covers STARTTLS
+    and the login. *token* is the OAuth2 access token when the pool logs in with one.
     """
     client = TrackingClient(
         config.host,

@@ -41,8 +41,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import trio
+from imapclient import IMAPClient
 from trio_util import AsyncValue
 
+from ._client import TrackingClient
 from ._errors import PoolError
 
 if TYPE_CHECKING:
@@ -323,10 +325,12 @@ class _FanOut:
         batch_size: int,
         workers: int,
         run_batch: _RunBatch | None,
+        run_selecting: _RunBatch | None = None,
         send: trio.MemorySendChannel[_Delivery] | None = None,
         charset: str | None = None,
     ) -> None:
         self._pool = pool
+        self._run_selecting = run_selecting
         self.operation = operation
         self._mode = mode
         self._batch_size = batch_size
@@ -482,13 +486,25 @@ class _FanOut:
             while True:
                 cursor.work = work
                 cursor.step = "select"
-                await self._select(conn, work.folder, fresh=work.search is not None)
-                cursor.step = "command"
-                if work.search is not None:
-                    await self._search(conn, work.folder, work.search)
+                if work.search is None and self._run_selecting and self._must_select(conn, work):
+                    # Select and run in one round trip; the step that failed is known after.
+                    try:
+                        delivery = await self._run_selecting(conn, work)
+                    except BaseException:
+                        if conn.selected_folder == work.folder:
+                            cursor.step = "command"
+                        raise
+                    cursor.step = "command"
                 else:
-                    assert self._run_batch is not None
-                    delivery = await self._run_batch(conn, work)
+                    await self._select(conn, work.folder, fresh=work.search is not None)
+                    cursor.step = "command"
+                    if work.search is not None:
+                        await self._search(conn, work.folder, work.search)
+                        delivery = None
+                    else:
+                        assert self._run_batch is not None
+                        delivery = await self._run_batch(conn, work)
+                if work.search is None:
                     if delivery is None:
                         self.tracker.done(work.folder, len(work.uids), 0, batch_done=True)
                     elif not self._deliver_nowait(delivery):
@@ -517,6 +533,9 @@ class _FanOut:
         except trio.WouldBlock:
             return False
         return True
+
+    def _must_select(self, conn: Connection, work: _Work) -> bool:
+        return conn.selected_folder != work.folder or not self._selected_suits(conn)
 
     async def _select(self, conn: Connection, folder: str, *, fresh: bool) -> None:
         """Select *folder* unless it is selected in a suitable mode. A *fresh* select always
@@ -698,6 +717,13 @@ def fetch_many(
     return _fetch_many(pool, plan, fields, batch_size, workers)
 
 
+def _examine_and_fetch(
+    client: IMAPClient, folder: str, uids: list[int], fields: list[str | bytes]
+) -> tuple[dict[bytes, Any], dict[int, dict[bytes, Any]]]:
+    assert isinstance(client, TrackingClient)
+    return client.examine_and_fetch(folder, uids, fields)
+
+
 @asynccontextmanager
 async def _fetch_many(
     pool: Pool,
@@ -706,10 +732,16 @@ async def _fetch_many(
     batch_size: int,
     workers: int,
 ) -> AsyncIterator[FetchResults]:
-    async def fetch_batch(conn: Connection, work: _Work) -> _Delivery:
-        fetched: dict[int, dict[bytes, Any]] = await conn.fetch(list(work.uids), fields)
+    def delivery(work: _Work, fetched: dict[int, dict[bytes, Any]]) -> _Delivery:
         messages = collections.deque((uid, fetched.pop(uid)) for uid in work.uids if uid in fetched)
         return _Delivery(work.folder, messages, len(work.uids) - len(messages))
+
+    async def fetch_batch(conn: Connection, work: _Work) -> _Delivery:
+        return delivery(work, await conn.fetch(list(work.uids), fields))
+
+    async def examine_and_fetch_batch(conn: Connection, work: _Work) -> _Delivery:
+        _, fetched = await conn.run_sync(_examine_and_fetch, work.folder, list(work.uids), fields)
+        return delivery(work, fetched)
 
     await trio.lowlevel.checkpoint()
     send, receive = trio.open_memory_channel[_Delivery](0)
@@ -721,6 +753,7 @@ async def _fetch_many(
         batch_size=batch_size,
         workers=workers,
         run_batch=fetch_batch,
+        run_selecting=examine_and_fetch_batch,
         send=send,
     )
     results = FetchResults(receive, fanout)

@@ -22,7 +22,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from trio_util import AsyncValue
 
-from trio_imappool import Connection, Pool, PoolError, open_pool
+from trio_imappool import Connection, Pool, PoolError, _fanout, open_pool
+from trio_imappool._client import PipelinedFetch
 from trio_imappool._fanout import (
     FanOutError,
     Progress,
@@ -64,6 +65,20 @@ class Commands:
             return result
 
         monkeypatch.setattr(Connection, name, recording)
+        if name == "fetch":
+            # fetch_many sends its FETCHes pipelined, a few batches in one thread hop.
+            real_run_sync = Connection.run_sync
+
+            async def run_sync(conn: Connection, fn: Any, *args: Any) -> Any:
+                if fn is not _fanout._fetch_pipelined:
+                    return await real_run_sync(conn, fn, *args)
+                steps = args[0]
+                self.batches += [(conn.number, list(uids)) for _, uids in steps]
+                result = await real_run_sync(conn, fn, *args)
+                self.done.value += len(steps)
+                return result
+
+            monkeypatch.setattr(Connection, "run_sync", run_sync)
 
     @property
     def sizes(self) -> list[int]:
@@ -140,7 +155,8 @@ async def test_a_10000_message_mailbox_streams_byte_identical_in_memory_bounded_
         folders_done=4,
     )
     assert progress.complete
-    in_flight = (connections + 1) * batch_size * size  # a batch per task, one being consumed
+    # A pipeline of batches per task, one batch being consumed.
+    in_flight = (connections * _fanout._PIPELINE_DEPTH + 1) * batch_size * size
     assert peak < 4 * in_flight, f"peak {peak} bytes: not bounded by the batches in flight"
     assert peak < 10_000 * size / 4, f"peak {peak} bytes: grows with the mailbox"
 
@@ -156,12 +172,14 @@ async def test_a_stalled_consumer_stops_the_fetching_and_holds_no_connection(
             async for _, uid, _ in results:
                 got.append(uid)
                 if len(got) == 1:
+                    # Each task (3) fetched one pipeline of batches, ours among them, and
+                    # waits for us, its connection released.
+                    in_flight = 3 * _fanout._PIPELINE_DEPTH
                     with trio.fail_after(5):
-                        # Each task fetched one batch and waits for us, connection released.
-                        await fetches.done.wait_value(4)
+                        await fetches.done.wait_value(in_flight)
                         await pool.counts.wait_value(lambda c: c.in_use == 0)
                     await trio.sleep(0.2)
-                    assert len(fetches.batches) == 4  # ours, and one per task (3): no more
+                    assert len(fetches.batches) == in_flight  # no more
                     assert pool.counts.value.in_use == 0
         assert sorted(got) == uids["INBOX"]
         assert fetches.sizes == [5] * 12
@@ -291,6 +309,75 @@ async def test_leaving_the_block_mid_stream_cancels_the_fetching_and_returns_eve
     await trio.testing.wait_all_threads_completed()
 
 
+# -- pipelined EXAMINE and FETCH --------------------------------------------------------------
+
+
+def fetch_pipelined_recording(
+    client: IMAPClient, steps: list[tuple[str, list[int]]]
+) -> tuple[list[bytes], list[PipelinedFetch]]:
+    """``fetch_pipelined``, noting each command written (its name) and each line read."""
+    imap = client._imap
+    events: list[bytes] = []
+    send, get_line = imap.send, imap._get_line
+
+    def recording_send(data: bytes) -> None:
+        events.append(bytes(data).split()[1])
+        send(data)
+
+    def recording_get_line() -> bytes:
+        events.append(b"<read>")
+        line: bytes = get_line()
+        return line
+
+    imap.send, imap._get_line = recording_send, recording_get_line
+    try:
+        return events, client.fetch_pipelined(steps, BODY)
+    finally:
+        del imap.send, imap._get_line
+
+
+async def test_pipelined_fetches_write_every_command_before_reading_an_answer(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = seed(dovecot, account, {"A": 6, "B": 3})
+    a, b = uids["A"], uids["B"]
+    steps = [("A", a[:3]), ("A", a[3:]), ("B", b)]
+    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+        events, outcomes = await conn.run_sync(fetch_pipelined_recording, steps)
+        assert events[:6] == [b"EXAMINE", b"UID", b"UID", b"EXAMINE", b"UID", b"<read>"]
+        assert set(events[6:]) == {b"<read>"}
+        assert (conn.selected_folder, conn.readonly) == ("B", True)
+        # What one command after the other gives, batch by batch (Dovecot may run the two
+        # FETCHes of A at once and mix their answers: each batch still gets its own).
+        for (folder, batch), outcome in zip(steps, outcomes, strict=True):
+            await conn.select_folder(folder, readonly=True)
+            assert outcome == PipelinedFetch(await conn.fetch(batch, BODY), None, None)
+            assert sorted(outcome.fetched or {}) == batch
+
+
+async def test_a_failed_examine_in_a_pipeline_returns_nothing_and_leaves_the_session_in_step(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = seed(dovecot, account, {"INBOX": 3, "B": 2})
+    inbox = uids["INBOX"]
+    steps = [("Missing", inbox), ("Missing", inbox[:1]), ("B", uids["B"])]
+    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+        await conn.select_folder("INBOX", readonly=True)
+        # The UIDs exist in INBOX, which was selected: the FETCHes must not answer from it.
+        _, outcomes = await conn.run_sync(fetch_pipelined_recording, steps)
+        assert [(o.fetched, o.command) for o in outcomes[:2]] == [(None, "select")] * 2
+        assert all(isinstance(o.error, IMAPClientError) for o in outcomes[:2])
+        assert "select failed" in str(outcomes[0].error)
+        # The batch after them, of another folder, is fetched all the same.
+        assert sorted(outcomes[2].fetched or {}) == uids["B"]
+        assert conn.broken is None
+        # Every answer was read: the next commands get theirs.
+        await conn.noop()
+        await conn.select_folder("INBOX", readonly=True)
+        assert await conn.search(["ALL"]) == inbox
+        assert (await conn.fetch(inbox[:1], ["RFC822.SIZE"]))[inbox[0]][b"RFC822.SIZE"] == 600
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
@@ -359,20 +446,28 @@ async def test_an_error_while_the_block_is_not_iterating_cancels_it_and_comes_ou
 async def test_a_connection_reset_mid_stream_names_the_batch_it_was_fetching(
     dovecot: DovecotServer, account: dict[str, Any]
 ) -> None:
-    uids = seed(dovecot, account, {"INBOX": 40})
-    async with proxied_pool(account, latency=0.02, max_size=1) as (pool, proxy):
+    inbox = seed(dovecot, account, {"INBOX": 40})["INBOX"]
+    batches = [inbox[i : i + 10] for i in range(0, 40, 10)]
+    async with proxied_pool(account, max_size=1) as (pool, proxy):
+        # What the server sends up to the end of the first two batches (one pipeline).
+        async with pool.connection() as conn:
+            await conn.run_sync(
+                lambda client: client.fetch_pipelined([("INBOX", b) for b in batches[:2]], BODY)
+            )
+        first_pipeline = proxy.statistics().bytes_down
+        # New connections are reset 3 KB into the next pipeline (batches 3 and 4, 14 KB).
+        proxy.cut_after(first_pipeline + 3000)
+        pool.drain()
         got = []
         with trio.fail_after(10), pytest.raises(FanOutError) as info:
-            async with fetch_many(pool, uids, BODY, batch_size=10) as results:
+            async with fetch_many(pool, {"INBOX": inbox}, BODY, batch_size=10) as results:
                 async for _, uid, _ in results:
                     got.append(uid)
-                    if len(got) == 1:
-                        proxy.reset_all()  # the task is on to the second batch
-        # The error comes at the next step of the iteration, even mid-way through batch 1.
-        assert 1 <= len(got) <= 10 and got == uids["INBOX"][: len(got)]
-        assert info.value.uids == tuple(uids["INBOX"][10:20])
+        # Batches 1 and 2 came whole; the error names a batch of the pipeline that broke.
+        assert got == inbox[:20]
+        assert info.value.uids in (tuple(batches[2]), tuple(batches[3]))
         assert isinstance(info.value.__cause__, IMAPClientAbortError | OSError)
-        assert "UIDs 11:20 (10 messages)" in str(info.value)
+        assert "(10 messages)" in str(info.value)
         await assert_settled(pool)
 
 

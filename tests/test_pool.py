@@ -17,6 +17,7 @@ import trio.lowlevel
 import trio.testing
 from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+from trio_util import AsyncValue
 
 import trio_imappool
 from trio_imappool import (
@@ -41,14 +42,14 @@ def gated_open(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     The open itself is real: it goes on to connect and log in to Dovecot.
     """
     gate = threading.Event()
-    real_open = PooledClient.open_blocking
+    real_connect = PooledClient.connect_blocking
 
-    def open_when_allowed(self: PooledClient, config: Any, token: str | None = None) -> None:
+    def connect_when_allowed(self: PooledClient, config: Any) -> None:
         if not gate.wait(10):
             raise TimeoutError("the test never opened the gate")
-        real_open(self, config, token)
+        real_connect(self, config)
 
-    monkeypatch.setattr(PooledClient, "open_blocking", open_when_allowed)
+    monkeypatch.setattr(PooledClient, "connect_blocking", connect_when_allowed)
     return gate
 
 
@@ -682,6 +683,86 @@ async def test_a_wrong_password_fails_fast_typed_and_is_not_retried(
     assert "wrong" not in str(info.value)
     assert "AUTHENTICATIONFAILED" in str(info.value)
     assert stats.open_failures == 2  # one per checkout the user asked for, none by itself
+    assert stats.size == 0
+
+
+class OpenRecorder:
+    """Counts the pool's connects and logins (the real ones run); the first login can be held."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.connected = AsyncValue(0)
+        self.logins: list[int] = []
+        self.release_first_login = threading.Event()
+        self.release_first_login.set()
+        real_connect, real_login = PooledClient.connect_blocking, PooledClient.login_blocking
+
+        def connect(slot: PooledClient, config: Any) -> None:
+            real_connect(slot, config)
+            trio.from_thread.run_sync(self._count_connect)
+
+        def login(slot: PooledClient, config: Any, token: str | None = None) -> None:
+            self.logins.append(1)
+            if len(self.logins) == 1 and not self.release_first_login.wait(10):
+                raise TimeoutError("the test never let the first login go on")
+            real_login(slot, config, token)
+
+        monkeypatch.setattr(PooledClient, "connect_blocking", connect)
+        monkeypatch.setattr(PooledClient, "login_blocking", login)
+
+    def _count_connect(self) -> None:
+        self.connected.value += 1
+
+
+async def test_while_the_first_login_runs_the_others_connect_but_send_no_login(
+    account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = OpenRecorder(monkeypatch)
+    recorder.release_first_login.clear()
+    release = trio.Event()
+
+    async def hold() -> None:
+        async with pool.connection():
+            await release.wait()
+
+    async with open_pool(**account, max_size=4) as pool, trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(hold)
+        with trio.fail_after(5):
+            await recorder.connected.wait_value(4)
+        await trio.sleep(0.1)
+        assert len(recorder.logins) == 1  # the others wait for the first login
+        recorder.release_first_login.set()
+        with trio.fail_after(5):
+            await pool.counts.wait_value(lambda counts: counts.in_use == 4)
+        release.set()
+    assert len(recorder.logins) == 4
+    assert pool.statistics().connections_opened == 4
+
+
+async def test_a_wrong_password_costs_one_login_however_many_tasks_wait(
+    account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = OpenRecorder(monkeypatch)
+    errors: list[BaseException] = []
+
+    async def checkout() -> None:
+        try:
+            async with pool.connection():
+                pass
+        except AuthenticationError as exc:
+            errors.append(exc)
+
+    async with open_pool(**dict(account, password="wrong"), max_size=4) as pool:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(checkout)
+        stats = pool.statistics()
+        await assert_settled(pool)
+    assert len(errors) == 4  # every task told at once
+    assert len(recorder.logins) == 1
+    assert 1 <= recorder.connected.value <= 4
+    assert stats.open_failures == 1
     assert stats.size == 0
 
 

@@ -21,8 +21,8 @@ import math
 import select
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import trio
 from imapclient import IMAPClient, SocketTimeout
@@ -39,7 +39,7 @@ from ._errors import (
     suggests_server_gone,
 )
 
-__all__ = ["PooledClient", "TrackingClient"]
+__all__ = ["PipelinedFetch", "PooledClient", "TrackingClient"]
 
 T = TypeVar("T")
 
@@ -85,6 +85,21 @@ class _TLSIMAP4(_GreetingCapabilities, IMAP4_TLS):  # type: ignore[misc]
     pass
 
 
+class PipelinedFetch(NamedTuple):
+    """The outcome of one step of :meth:`TrackingClient.fetch_pipelined`."""
+
+    fetched: dict[int, dict[bytes, Any]] | None
+    error: Exception | None
+    command: Literal["select", "fetch"] | None  # the command that failed
+
+
+def _failure(command: str, typ: str, answer: list[Any]) -> Exception:
+    """The error imapclient raises for a NO or BAD answer (``"select failed: ..."``)."""
+    text = answer[0].decode("utf-8", "replace") if answer and isinstance(answer[0], bytes) else ""
+    # imapclient's IMAPClientError is this class.
+    return imaplib.IMAP4.error(f"{command} failed: {text or typ}")
+
+
 class TrackingClient(IMAPClient):  # type: ignore[misc]
     """An :class:`imapclient.IMAPClient` that remembers the session state the pool cares about.
 
@@ -109,49 +124,96 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         self.selected = (folder, readonly)
         return result
 
-    def examine_and_fetch(
-        self, folder: str, uids: list[int], data: list[str | bytes]
-    ) -> tuple[dict[bytes, Any], dict[int, dict[bytes, Any]]]:
-        """EXAMINE *folder* and ``UID FETCH`` *uids* in one round trip: both commands are sent
-        before either answer is read. Returns what :meth:`select_folder` and :meth:`fetch`
-        would return, one after the other.
+    def fetch_pipelined(
+        self,
+        steps: Sequence[tuple[str, Sequence[int]]],
+        data: Sequence[str | bytes],
+        reading: list[int] | None = None,
+    ) -> list[PipelinedFetch]:
+        """``UID FETCH`` batches of one or more folders in one round trip.
 
-        IMAP allows the pipelining (RFC 9051 5.5: the server runs the commands in order); a
-        failed EXAMINE leaves no folder selected, so the FETCH then fails too and its answer
-        is read and dropped before the EXAMINE's error is raised: no data of another folder
-        is ever returned.
+        Each step is ``(folder, uids)``. A step whose folder is not the one selected read-only
+        before it (on the connection, or by the step before) is preceded by an EXAMINE. Every
+        command is written before any answer is read: IMAP lets a client pipeline commands, and
+        the server runs them in order (RFC 9051 5.5), so EXAMINE A, FETCH A, EXAMINE B, FETCH B
+        cost one round trip instead of four.
+
+        Returns one :class:`PipelinedFetch` per step: the messages as :meth:`fetch` returns
+        them, or the error of a NO or BAD answer and the command that got it. A failed EXAMINE
+        leaves no folder selected, so its FETCH fails too; its answer is read and dropped, and
+        no data of another folder is ever returned for the step. Errors that leave the session
+        in doubt (EOF, timeout, BYE) are raised; ``reading[0]``, if given, is then the index of
+        the step whose answers were being read.
         """
         imap = self._imap
-        self.selected = None
-        imap.untagged_responses = {}  # as imaplib's select() does: nothing stale is read
-        imap.is_readonly = True
-        examine = imap._command("EXAMINE", self._normalise_folder(folder))
+        fields = seq_to_parenstr_upper(list(data))
+        sent: list[tuple[str | None, str]] = []  # per step: the EXAMINE's tag or None, FETCH's
+        will_be = self.selected
         state = imap.state
-        # imaplib sends UID commands only in the selected state, which the server will be in
-        # by the time it reads this one.
-        imap.state = "SELECTED"
+        imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
         try:
-            fetch = imap._command(
-                "UID", "FETCH", join_message_ids(uids), seq_to_parenstr_upper(data)
-            )
+            for folder, uids in steps:
+                examine = None
+                if will_be != (folder, True):
+                    if not sent:
+                        imap.untagged_responses = {}  # as imaplib's select() does
+                    imap.is_readonly = True
+                    examine = imap._command("EXAMINE", self._normalise_folder(folder))
+                    will_be = (folder, True)
+                sent.append(
+                    (examine, imap._command("UID", "FETCH", join_message_ids(uids), fields))
+                )
         finally:
             imap.state = state
-        typ, answer = imap._command_complete("EXAMINE", examine)
-        if typ != "OK":
-            imap.state = "AUTH"
-            with contextlib.suppress(imaplib.IMAP4.error):
-                imap._command_complete("FETCH", fetch)
-            self._checkok("select", typ, answer)  # raises
-        imap.state = "SELECTED"
-        self.selected = (folder, True)
-        selected = self._process_select_response(imap.untagged_responses)
-        typ, answer = imap._command_complete("FETCH", fetch)
-        self._checkok("fetch", typ, answer)
-        _, answer = imap._untagged_response(typ, answer, "FETCH")
-        response = parse_fetch_response(answer, self.normalise_times, True)
-        # Unsolicited FETCH responses (flag changes of other messages) are dropped.
-        fetched = {uid: response[uid] for uid in uids if uid in response}
-        return selected, fetched
+        results: list[PipelinedFetch] = []
+        start = 0
+        while start < len(steps):
+            # One folder's run of steps: its EXAMINE (if any) and the FETCHes after it. Dovecot
+            # may run pipelined FETCHes at the same time, so their untagged answers can come in
+            # any order before their completions: they are pooled and handed out by UID. An
+            # EXAMINE is a barrier; no server runs it beside a command on another folder.
+            end = start + 1
+            while end < len(steps) and sent[end][0] is None:
+                end += 1
+            folder, examine = steps[start][0], sent[start][0]
+            failed: dict[int, PipelinedFetch] = {}
+            if reading is not None:
+                reading[0] = start
+            if examine is not None:
+                self.selected = None
+                typ, answer = imap._command_complete("EXAMINE", examine)
+                imap.untagged_responses.clear()  # what EXAMINE said; the FETCHes' come next
+                if typ == "OK":
+                    imap.state = "SELECTED"
+                    self.selected = (folder, True)
+                else:
+                    imap.state = "AUTH"
+                    error = _failure("select", typ, answer)
+                    failed = {i: PipelinedFetch(None, error, "select") for i in range(start, end)}
+            lines: list[Any] = []
+            for index in range(start, end):
+                if reading is not None:
+                    reading[0] = index
+                try:
+                    typ, answer = imap._command_complete("FETCH", sent[index][1])
+                except imaplib.IMAP4.abort:
+                    raise
+                except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+                    typ, answer = "BAD", [str(exc).encode()]
+                lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x is not None]
+                if typ != "OK" and index not in failed:
+                    failed[index] = PipelinedFetch(None, _failure("fetch", typ, answer), "fetch")
+            response = parse_fetch_response(lines or [None], self.normalise_times, True)
+            for index in range(start, end):
+                if index in failed:
+                    results.append(failed[index])
+                else:
+                    # Unsolicited FETCH responses (flag changes of other messages) are dropped.
+                    uids = steps[index][1]
+                    fetched = {uid: response[uid] for uid in uids if uid in response}
+                    results.append(PipelinedFetch(fetched, None, None))
+            start = end
+        return results
 
     def unselect_folder(self) -> Any:
         try:
@@ -195,12 +257,11 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         self.normalise_times = True
 
 
-def open_client(config: PoolConfig, token: str | None = None) -> TrackingClient:
-    """Connect, upgrade if asked, and log in. Blocking; runs in a worker thread.
+def connect_client(config: PoolConfig) -> TrackingClient:
+    """Connect and upgrade with STARTTLS if asked: everything before the login. Blocking.
 
-    Every step is bounded: the connect timeout covers TCP connect, TLS handshake, greeting and
-    CAPABILITY (asked for only when the greeting lacks it); the login timeout covers STARTTLS
-    and the login. *token* is the OAuth2 access token when the pool logs in with one.
+    The connect timeout covers TCP connect, TLS handshake, greeting and CAPABILITY (asked for
+    only when the greeting lacks it); the login timeout covers STARTTLS.
     """
     client = TrackingClient(
         config.host,
@@ -219,13 +280,25 @@ def open_client(config: PoolConfig, token: str | None = None) -> TrackingClient:
                     "without TLS"
                 )
             client.starttls(config.ssl_context)
+    except BaseException:
+        close_client(client)
+        raise
+    return client
+
+
+def login_client(client: TrackingClient, config: PoolConfig, token: str | None) -> None:
+    """Log in a client from :func:`connect_client` (bounded by the login timeout), then set
+    the read timeout for commands. Closes the client if it fails. Blocking.
+
+    *token* is the OAuth2 access token when the pool logs in with one.
+    """
+    try:
         authenticate(client, config, token)
         client._timeout = SocketTimeout(connect=config.connect_timeout, read=config.read_timeout)
         client.socket().settimeout(config.read_timeout)
     except BaseException:
         close_client(client)
         raise
-    return client
 
 
 def authenticate(client: IMAPClient, config: PoolConfig, token: str | None) -> None:
@@ -405,9 +478,14 @@ class PooledClient:
         else:
             await trio.lowlevel.checkpoint()
 
-    def open_blocking(self, config: PoolConfig, token: str | None = None) -> None:
-        """Open the connection (in a worker thread, through :meth:`run`)."""
-        self.client = open_client(config, token)
+    def connect_blocking(self, config: PoolConfig) -> None:
+        """Connect, up to the login (in a worker thread, through :meth:`run`)."""
+        self.client = connect_client(config)
+
+    def login_blocking(self, config: PoolConfig, token: str | None = None) -> None:
+        """Log the connected client in (in a worker thread, through :meth:`run`)."""
+        assert self.client is not None
+        login_client(self.client, config, token)
         self.poller = select.poll()
         self.poller.register(self.client._imap.sock, select.POLLIN)
 

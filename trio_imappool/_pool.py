@@ -55,6 +55,23 @@ MAINTENANCE_TICK_MIN: Final = 0.05
 MAINTENANCE_TICK_MAX: Final = 30.0
 
 
+class _Probe:
+    """The one attempt to open a connection made while the server has not yet accepted us
+    (or while opens fail). Once it has reached the server, other openers may connect too, but
+    they log in only after it has, and only if it did."""
+
+    __slots__ = ("logged_in", "reached", "settled")
+
+    def __init__(self) -> None:
+        self.reached = False  # TCP, TLS, greeting (and STARTTLS) done
+        self.settled = trio.Event()  # its login ended, either way
+        self.logged_in = False
+
+
+class _ProbeFailed(Exception):
+    """A follower's probe did not log in: the follower gives up without a LOGIN."""
+
+
 class _Waiter:
     __slots__ = ("error", "scope")
 
@@ -84,8 +101,9 @@ class Pool:
     whichever comes first, a connection released by another task or a newly opened one, and
     waiting tasks are served first come, first served.
 
-    **Failures to open.** Until the first connection has opened, connections are opened one at
-    a time, and a failure goes at once to every waiting task as a
+    **Failures to open.** Until the first connection has opened, one connection logs in at a
+    time (the others may connect meanwhile, once the first has reached the server, but send no
+    LOGIN until it has logged in), and a failure goes at once to every waiting task as a
     :class:`~trio_imappool.ConnectError`, so a wrong port or password is reported after one
     attempt. So does an error that retrying cannot mend (rejected credentials, a certificate
     that does not verify, a missing STARTTLS), at any time. Once the pool has worked, a failure
@@ -121,6 +139,7 @@ class Pool:
         self._closed = False
         self._ever_opened = False
         self._failures = 0
+        self._probe: _Probe | None = None
         self._next_attempt_at = -math.inf
         self._last_open_error: ConnectError | None = None
         self._orphans: list[PooledClient] = []
@@ -603,10 +622,17 @@ class Pool:
         if self._closed:
             return
         wanted = self._demand()
-        if self._failures or not self._ever_opened:
+        probe = self._probe
+        if probe is not None and probe.reached and not probe.settled.is_set():
+            pass  # the others connect now and log in after the probe (see _connect)
+        elif self._failures or not self._ever_opened:
             # Until the server has shown that it accepts us, and while opens fail, one
             # attempt at a time: a wrong password or port costs one try, not max_size.
             wanted = min(wanted, 1 - self._opening)
+            if wanted > 0:
+                probe = self._probe = _Probe()
+        else:
+            probe = None
         for _ in range(wanted):
             slot = PooledClient()
             try:
@@ -614,14 +640,15 @@ class Pool:
             except trio.WouldBlock:
                 break
             self._opening += 1
-            self._nursery.start_soon(self._open, slot)
+            self._nursery.start_soon(self._open, slot, probe)
         self._publish()
 
-    async def _open(self, slot: PooledClient) -> None:
+    async def _open(self, slot: PooledClient, probe: _Probe | None) -> None:
         """Open one connection into the idle channel, retrying while it is still wanted.
 
         Runs in the pool's nursery, holding one token of the size limiter (on behalf of
         *slot*) from :meth:`_want_connections` until the connection is delivered or given up.
+        *probe* is this opener's own probe or the one it follows, or None.
         """
         config = self.config
         pending: PooledClient | None = slot
@@ -641,7 +668,9 @@ class Pool:
                 if self._demand() < 0:
                     return  # nobody needs it any more
                 try:
-                    await self._connect(pending)
+                    await self._connect(pending, probe)
+                except _ProbeFailed:
+                    return  # the probe reports; this one never tried to log in
                 except (Exception, trio.TooSlowError) as exc:
                     error = self._open_failed(exc)
                     permanent = is_permanent_open_error(error)
@@ -663,6 +692,7 @@ class Pool:
                         self._opening -= 1
                         return
                     pending = fresh
+                    probe = self._probe = _Probe()  # still the only one trying
                     continue
                 self._opened += 1
                 pending.number = next(self._numbers)
@@ -683,26 +713,55 @@ class Pool:
                 self._forget(pending)
             self._want_connections()
 
-    async def _connect(self, slot: PooledClient) -> None:
+    async def _connect(self, slot: PooledClient, probe: _Probe | None) -> None:
         """One attempt to open *slot*'s connection, bounded by the connect and login timeouts.
 
-        With an OAuth2 token provider, a token the server rejects is asked for again once, with
-        ``refresh=True``, before the failure counts.
+        As the probe (see :class:`_Probe`), it says when it has reached the server and when its
+        login has ended; as a follower, it connects, then waits for its probe's login and logs
+        in only if that succeeded (else raises :class:`_ProbeFailed`). With an OAuth2 token
+        provider, a token the server rejects is asked for again once, with ``refresh=True``,
+        before the failure counts.
         """
         config = self.config
-        bound = config.connect_timeout + config.login_timeout
-        token = None if config.oauth2_token is None else await self._token(refresh=False)
-        with trio.fail_after(bound):
+        leading = probe is not None and probe is self._probe and not probe.reached
+        try:
+            await self._connect_phase(slot)
+            if leading:
+                assert probe is not None
+                probe.reached = True
+                self._want_connections()
+            elif probe is not None:
+                await probe.settled.wait()
+                if not probe.logged_in:
+                    raise _ProbeFailed
+            token = None if config.oauth2_token is None else await self._token(refresh=False)
             try:
-                await slot.run(self._thread_limiter, slot.open_blocking, config, token, grace=0.0)
-                return
+                await self._login_phase(slot, token)
             except LoginError as exc:
                 if token is None or classify_open_error(exc) is not AuthenticationError:
                     raise
                 logger.info("%s: the server rejected the token; refreshing it", config.name)
-        token = await self._token(refresh=True)
+                token = await self._token(refresh=True)
+                await self._connect_phase(slot)
+                await self._login_phase(slot, token)
+            if leading:
+                assert probe is not None
+                probe.logged_in = True
+        finally:
+            if leading:
+                assert probe is not None
+                probe.settled.set()
+                if self._probe is probe:
+                    self._probe = None
+
+    async def _connect_phase(self, slot: PooledClient) -> None:
+        with trio.fail_after(self.config.connect_timeout + self.config.login_timeout):
+            await slot.run(self._thread_limiter, slot.connect_blocking, self.config, grace=0.0)
+
+    async def _login_phase(self, slot: PooledClient, token: str | None) -> None:
+        bound = self.config.login_timeout
         with trio.fail_after(bound):
-            await slot.run(self._thread_limiter, slot.open_blocking, config, token, grace=0.0)
+            await slot.run(self._thread_limiter, slot.login_blocking, self.config, token, grace=0.0)
 
     async def _token(self, *, refresh: bool) -> str:
         """Ask the configured provider for an access token (sync ones run in a thread)."""

@@ -62,12 +62,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from _proxy_process import proxy_process
 from imapclient import IMAPClient, SocketTimeout
 
 import trio_imappool
@@ -90,15 +90,6 @@ FOLDERS = [
 ]
 SPEEDUP_TARGET = 4.0
 PEER_TIMEOUT = 300.0
-
-PROXY_SCRIPT = """
-import sys
-from trio_imappool.testing import start_proxy_thread
-host, port, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-with start_proxy_thread(host, port, up=delay, down=delay) as proxy:
-    print(proxy.port, flush=True)
-    sys.stdin.read()
-"""
 
 
 @dataclass
@@ -310,31 +301,6 @@ def find_peers(install: bool) -> tuple[dict[str, bool], list[str]]:
             why = "not root" if install else "--no-install"
             notes.append(f"{tool} skipped: not installed ({why}; apt-get install {wanted[tool]})")
     return found, notes
-
-
-@contextmanager
-def proxy_process(host: str, port: int, delay: float) -> Iterator[int]:
-    """The latency proxy in a process of its own; yields its port."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", PROXY_SCRIPT, host, str(port), str(delay)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the proxy process did not start")
-        yield int(line)
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def build_cases(

@@ -5,7 +5,8 @@ Run it with ``.venv/bin/python benchmarks/bench_fanout.py`` (it needs Debian's
 :func:`trio_imappool.testing.start_dovecot`, seeds ``--folders`` folders (10) of
 ``--per-folder`` messages (200) of ``--size`` bytes (2,000) straight to its plain port, and then
 makes every client go through :func:`trio_imappool.testing.start_proxy_thread`, the test fault
-proxy, delaying each direction by ``--latency`` (25 ms): a 50 ms round trip, a server in another
+proxy (run in a process of its own, so that its forwarding competes with no client for the GIL),
+delaying each direction by ``--latency`` (25 ms): a 50 ms round trip, a server in another
 country. Plain IMAP by default (the numbers then measure round trips, not encryption);
 ``--tls`` goes to the implicit-TLS port instead, trusting the harness's test CA. Everything
 listens on loopback only. The default run takes about 25 s.
@@ -53,10 +54,9 @@ what ``threads`` (or any client built that way) can reach. The fan-out does less
 set-up takes the capabilities from the greeting, the other connections connect while the first
 logs in, and each task pipelines two batches with their EXAMINEs (one round trip for EXAMINE A,
 FETCH A, EXAMINE B, FETCH B). The last lines print the round trip, the measured set-up, that
-bound, and the data's own time (``per-folder`` once more with the proxy's latency set to 0), so
-that a missed target can be explained rather than guessed at. The proxy runs in a thread of
-this process, so its work shares the GIL with imapclient's parsing; on a machine with few
-cores, other load shows up as noise in every variant alike.
+bound, and the data's own time (``per-folder`` once more, straight to Dovecot), so that a
+missed target can be explained rather than guessed at. On a machine with few cores, other load
+shows up as noise in every variant alike.
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ from typing import Any
 
 import imapclient
 import trio
+from _proxy_process import proxy_process
 from imapclient import IMAPClient, SocketTimeout
 
 import trio_imappool
 from trio_imappool._fanout import fetch_many
-from trio_imappool.testing import ProxyThread, seed_folders, start_dovecot, start_proxy_thread
+from trio_imappool.testing import seed_folders, start_dovecot
 
 SPEEDUP_TARGET = 4.0
 FIELDS = ["BODY.PEEK[]"]
@@ -231,7 +232,7 @@ def check(variant: Variant, run: Run, messages: int, nbytes: int) -> None:
 
 
 def measure(
-    args: argparse.Namespace, settings: dict[str, Any], work: Work, proxy: ProxyThread
+    args: argparse.Namespace, settings: dict[str, Any], work: Work, direct: dict[str, Any]
 ) -> tuple[list[Variant], float]:
     """Run the variants; also return the time to move the data itself, with no latency."""
     total = sum(len(uids) for uids in work.values())
@@ -260,11 +261,9 @@ def measure(
             run = fn()
             check(variant, run, total, total_bytes)
             variant.runs.append(run)
-    proxy.set_latency(up=0.0, down=0.0)
     data = statistics.median(
-        run.seconds - run.setup for run in (run_per_folder(settings, work) for _ in range(3))
+        run.seconds - run.setup for run in (run_per_folder(direct, work) for _ in range(3))
     )
-    proxy.set_latency(up=args.latency, down=args.latency)
     return [naive, per_folder, threads, fanout, warm], data
 
 
@@ -330,7 +329,7 @@ def report(
         "first logs in, and EXAMINE + FETCH of two batches pipelined in one round trip"
     )
     lines.append(
-        f"the data itself (proxy, transfer and imapclient parsing, one GIL for all threads): "
+        f"the data itself (transfer and imapclient parsing, one GIL for all threads): "
         f"{data * 1000:.0f} ms on one connection without latency, paid by every variant and "
         f"overlapping round trips only in part"
     )
@@ -379,9 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as server:
         work = seed_folders(server, folders, size=args.size)
         target = server.imaps_port if args.tls else server.imap_port
-        with start_proxy_thread(server.host, target, up=args.latency, down=args.latency) as proxy:
-            settings = dict(server.pool_kwargs(tls=args.tls), host=proxy.host, port=proxy.port)
-            variants, data = measure(args, settings, work, proxy)
+        direct = server.pool_kwargs(tls=args.tls)
+        with proxy_process(server.host, target, args.latency) as proxy_port:
+            settings = dict(direct, port=proxy_port)
+            variants, data = measure(args, settings, work, direct)
     header = (
         f"trio-imappool {trio_imappool.__version__} on Python {platform.python_version()}, "
         f"trio {trio.__version__}, imapclient {imapclient.__version__}; Dovecot on "

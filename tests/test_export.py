@@ -8,6 +8,7 @@ timeout.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import random
@@ -183,6 +184,43 @@ async def test_a_seeded_account_is_exported_completely_byte_for_byte_with_its_fl
     assert (root / "cur").is_dir() and (root / ".Archive.2024" / "cur").is_dir()
     assert (root / ".Sent Items").is_dir() and (root / ".Ünïcödé").is_dir()
     assert our_tmp_files(root) == []
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named tmp files"])
+async def test_messages_reach_cur_only_whole_through_unnamed_or_named_tmp_files(
+    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    """Unnamed files (linked into cur/ when complete) where the file system has them, so that
+    a killed run leaves nothing in tmp/; named files renamed into cur/ where it has not."""
+    settings = new_user(dovecot)
+    uids = seed_folders(settings, {"INBOX": 30, "Other": 20}, flags=flags_for)
+    root = tmp_path / "Mail"
+    real_open, real_rename = os.open, os.rename
+    renamed_messages: list[str] = []
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if not unnamed and flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "no unnamed files here")
+        return real_open(path, flags, *args, **kwargs)
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if "/cur/" in str(dst):
+            renamed_messages.append(str(src))
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "rename", rename)
+    for fsync in (True, False):
+        result = await export(settings, root / str(fsync), batch_size=7, fsync=fsync)
+        assert result.messages_fetched == 50
+        check_folder(root / str(fsync), "INBOX", uids["INBOX"])
+        check_folder(root / str(fsync), "Other", uids["Other"])
+        assert our_tmp_files(root / str(fsync)) == []
+    if unnamed:
+        assert renamed_messages == []
+    else:
+        assert len(renamed_messages) == 100
+        assert all("/tmp/trio-imappool-" in src for src in renamed_messages)
 
 
 async def test_a_second_run_fetches_nothing_and_selects_no_folder(

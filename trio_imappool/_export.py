@@ -29,10 +29,12 @@ folder's UIDNEXT unchanged does not even select it. The state is written (atomic
 files it names are in place) at the end of a run; it is checked against the files on startup
 and ignored where it claims more than they hold.
 
-**Crashes.** A message is written to ``tmp/``, flushed to disk (``fsync``, unless turned off)
-and renamed into ``cur/``, so a killed run (Ctrl-C, SIGKILL, a power cut with ``fsync``) leaves
-no partial file in ``cur/``; the next run removes leftovers of ours from ``tmp/``. Everything
-renamed into ``cur/`` stays, and is not fetched again.
+**Crashes.** A message is written to an unnamed file in ``tmp/`` (``O_TMPFILE``; a named one
+where the file system has no unnamed files), flushed to disk (``fsync``, unless turned off) and
+only then linked (or renamed) into ``cur/`` under its final name, so a killed run (Ctrl-C,
+SIGKILL, a power cut with ``fsync``) leaves no partial file in ``cur/``; an unnamed file
+vanishes with the process, and the next run removes named leftovers of ours from ``tmp/``.
+Everything in ``cur/`` stays, and is not fetched again.
 
 **UIDVALIDITY.** When a folder's UIDVALIDITY is not the one its files were exported with (the
 folder was deleted and created again, or the server rebuilt it), the old files are moved out of
@@ -56,9 +58,11 @@ import dataclasses
 import errno
 import fcntl
 import fnmatch
+import itertools
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -120,8 +124,11 @@ _STATUS_ITEMS: Final = "(MESSAGES UIDNEXT UIDVALIDITY)"
 _DENSE_FACTOR: Final = 2
 _DENSE_SLACK: Final = 500
 _MAX_CRITERIA_CHARS: Final = 20_000
-_WRITERS: Final = 4
-_WRITE_BATCH: Final = 64
+# Writer tasks (each a worker thread while it writes) and messages per thread hop. Few and big:
+# the fetching threads need the GIL too, and on a 2-core machine 4 writers of 64 were slower.
+# Messages held for writing: a full channel plus a batch per writer (384 with these values).
+_WRITERS: Final = 2
+_WRITE_BATCH: Final = 128
 
 
 class ExportError(PoolError):
@@ -402,6 +409,7 @@ class _Folder:
     expected: int = 0
     fetched: int = 0
     bytes: int = 0
+    unnamed_tmp: bool = True  # until the file system refuses O_TMPFILE
 
     @property
     def cur(self) -> Path:
@@ -527,28 +535,72 @@ class _Pending:
 
 
 def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
-    """Write messages to ``tmp/``, flush them, rename them into ``cur/``. Synchronous."""
-    dirs: set[Path] = set()
-    pid = os.getpid()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    for item in batch:
-        folder = item.folder
-        tmp = f"{folder.path}/tmp/{_TMP_PREFIX}{pid}-{item.uid}"
-        fd = os.open(tmp, flags, 0o600)
-        try:
+    """Write messages, and put each into ``cur/`` only once it is complete. Synchronous.
+
+    A message is written to an unnamed file in its folder's ``tmp/`` (``O_TMPFILE``, Linux)
+    and then linked into ``cur/`` under its final name; where the file system cannot make
+    unnamed files, to a named file in ``tmp/`` that is then renamed into ``cur/``. With
+    *fsync*, every file of the batch is written first and then flushed, so that one journal
+    commit can serve many of them, before any is put into ``cur/``; then ``cur/`` is flushed.
+    """
+    written: list[tuple[_Pending, int, str | None]] = []  # message, fd, name in tmp/ or None
+    cur_fds: dict[Path, int] = {}
+    try:
+        for item in batch:
+            fd, tmp = _open_tmp(item.folder)
+            written.append((item, fd, tmp))
             view = memoryview(item.body)
             while view:
                 view = view[os.write(fd, view) :]
-            if fsync:
+        if fsync:
+            for _, fd, _ in written:
                 os.fsync(fd)
-        finally:
+        for index, (item, fd, tmp) in enumerate(written):
+            folder = item.folder
+            name = message_filename(folder.server.uidvalidity, item.uid, len(item.body), item.flags)
+            if tmp is not None:
+                os.rename(tmp, f"{folder.path}/cur/{name}")
+                written[index] = (item, fd, None)
+                if folder.cur not in cur_fds:
+                    cur_fds[folder.cur] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
+                continue
+            cur = cur_fds.get(folder.cur)
+            if cur is None:
+                cur = cur_fds[folder.cur] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
+            # linkat() with AT_SYMLINK_FOLLOW, which os.link uses when given a directory fd.
+            with contextlib.suppress(FileExistsError):  # the same name is the same message
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=cur)
+        if fsync:
+            for cur in cur_fds.values():
+                os.fsync(cur)
+    finally:
+        for _, fd, tmp in written:
             os.close(fd)
-        name = message_filename(folder.server.uidvalidity, item.uid, len(item.body), item.flags)
-        os.rename(tmp, f"{folder.path}/cur/{name}")
-        dirs.add(folder.cur)
-    if fsync:
-        for path in dirs:
-            _fsync_dir(path)
+            if tmp is not None:  # written but never renamed
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        for cur in cur_fds.values():
+            os.close(cur)
+
+
+_UNNAMED: Final = getattr(os, "O_TMPFILE", 0)
+
+
+def _open_tmp(folder: _Folder) -> tuple[int, str | None]:
+    """A new file in the folder's ``tmp/``: unnamed where possible, else named."""
+    if _UNNAMED and folder.unnamed_tmp:
+        try:
+            return os.open(folder.tmp, _UNNAMED | os.O_WRONLY | os.O_CLOEXEC, 0o600), None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            folder.unnamed_tmp = False  # this file system cannot
+    tmp = f"{folder.tmp}/{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_tmp_numbers)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o600), tmp
+
+
+_tmp_numbers = itertools.count()
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -909,7 +961,7 @@ async def _export(
     run = _Run(prepared, fsync, progress)
     if run.totals[0]:
         run.report()
-        send, receive = trio.open_memory_channel[_Pending](2 * _WRITE_BATCH)
+        send, receive = trio.open_memory_channel[_Pending](_WRITE_BATCH)
         async with trio.open_nursery() as nursery:
             for _ in range(_WRITERS):
                 nursery.start_soon(run.writer, receive.clone(), nursery.cancel_scope)

@@ -268,6 +268,23 @@ async def test_set_refusing_refuses_then_listens_again_on_the_same_port() -> Non
             assert proxy.statistics().accepted == 2
 
 
+async def test_refusing_while_a_connection_waits_to_be_accepted_does_not_break_the_proxy() -> None:
+    """The listener closed between its accept task being woken and running (a race seen in
+    the fault storm): the task must take it as closed, not fail with EBADF."""
+    with trio.fail_after(10):
+        async with open_echo_proxy() as (proxy, _):
+            for _ in range(40):
+                await trio.testing.wait_all_tasks_blocked()  # the accept task waits
+                # Completes in the kernel's backlog: the listener is now readable.
+                client = socket.create_connection((proxy.host, proxy.port))
+                with client:
+                    await trio.lowlevel.checkpoint()  # the accept task may be woken, not run
+                    proxy.set_refusing(True)
+                    proxy.set_refusing(False)
+            async with await connect(proxy) as stream:
+                await round_trip(stream, b"still serving")
+
+
 async def test_a_target_that_refuses_makes_the_proxy_reset_the_client() -> None:
     with socket.socket() as placeholder:
         placeholder.bind((LOCALHOST, 0))

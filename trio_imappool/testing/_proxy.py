@@ -479,6 +479,12 @@ class FaultProxy:
                         return
                     except (ConnectionAbortedError, ConnectionResetError):
                         continue  # the client gave up while waiting in the backlog
+                    except OSError:
+                        if listener.fileno() == -1:
+                            # Closed (set_refusing, close) after this task was woken to
+                            # accept but before it ran: the accept itself saw a closed fd.
+                            return
+                        raise
                     self._accepted += 1
                     conn = _Connection(
                         self, sock, blackholed=self._blackhole, cut_after=dict(self._cut_after)

@@ -298,18 +298,11 @@ class _Delivery:
 _RunBatch: TypeAlias = Callable[["Connection", _Work], Awaitable[_Delivery | None]]
 
 
-@dataclasses.dataclass(slots=True)
-class _StepFailed:
-    """A batch of a pipeline that got a NO or BAD answer, and at which step."""
-
-    step: Literal["select", "command"]
-    error: Exception
-
-
-# Runs batches in one round trip, selecting their folders as needed (fetch): one outcome per
-# batch. Sets the cursor to the batch whose answer was being read when an exception is raised.
+# Runs batches in one round trip, selecting their folders as needed (fetch): per batch its
+# delivery, or the failed step (a NO or BAD answer). Sets the cursor to the batch whose answer
+# was being read when an exception is raised.
 _RunPipelined: TypeAlias = Callable[
-    ["Connection", list[_Work], "_Cursor"], Awaitable[list[_Delivery | _StepFailed]]
+    ["Connection", list[_Work], "_Cursor"], Awaitable[list[_Delivery | PipelinedFetch]]
 ]
 
 # Batches a fetch worker sends at once: the second one's round trip overlaps the first's.
@@ -547,8 +540,9 @@ class _FanOut:
         outcomes = await self._run_pipelined(conn, works, cursor)
         for done, outcome in zip(works, outcomes, strict=True):
             cursor.work = done
-            if isinstance(outcome, _StepFailed):
-                cursor.step = outcome.step
+            if isinstance(outcome, PipelinedFetch):
+                assert outcome.error is not None
+                cursor.step = "select" if outcome.command == "select" else "command"
                 raise outcome.error
             self._batch_done(done, outcome, undelivered)
         cursor.step = "command"
@@ -570,9 +564,6 @@ class _FanOut:
         except trio.WouldBlock:
             return False
         return True
-
-    def _must_select(self, conn: Connection, work: _Work) -> bool:
-        return conn.selected_folder != work.folder or not self._selected_suits(conn)
 
     async def _select(self, conn: Connection, folder: str, *, fresh: bool) -> None:
         """Select *folder* unless it is selected in a suitable mode. A *fresh* select always
@@ -784,7 +775,7 @@ async def _fetch_many(
 
     async def fetch_pipelined(
         conn: Connection, works: list[_Work], cursor: _Cursor
-    ) -> list[_Delivery | _StepFailed]:
+    ) -> list[_Delivery | PipelinedFetch]:
         steps = [(work.folder, work.uids) for work in works]
         reading = [0]
         try:
@@ -794,11 +785,7 @@ async def _fetch_many(
             cursor.step = "command"
             raise
         return [
-            delivery(work, outcome.fetched)
-            if outcome.fetched is not None
-            else _StepFailed(
-                "select" if outcome.command == "select" else "command", outcome.error or Exception()
-            )
+            delivery(work, outcome.fetched) if outcome.fetched is not None else outcome
             for work, outcome in zip(works, outcomes, strict=True)
         ]
 

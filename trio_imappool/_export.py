@@ -545,6 +545,13 @@ def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
     """
     written: list[tuple[_Pending, int, str | None]] = []  # message, fd, name in tmp/ or None
     cur_fds: dict[Path, int] = {}
+
+    def cur_fd(folder: _Folder) -> int:
+        fd = cur_fds.get(folder.cur)
+        if fd is None:
+            fd = cur_fds[folder.cur] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
+        return fd
+
     try:
         for item in batch:
             fd, tmp = _open_tmp(item.folder)
@@ -561,15 +568,12 @@ def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
             if tmp is not None:
                 os.rename(tmp, f"{folder.path}/cur/{name}")
                 written[index] = (item, fd, None)
-                if folder.cur not in cur_fds:
-                    cur_fds[folder.cur] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
+                if fsync:
+                    cur_fd(folder)  # flushed below
                 continue
-            cur = cur_fds.get(folder.cur)
-            if cur is None:
-                cur = cur_fds[folder.cur] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
             # linkat() with AT_SYMLINK_FOLLOW, which os.link uses when given a directory fd.
             with contextlib.suppress(FileExistsError):  # the same name is the same message
-                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=cur)
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=cur_fd(folder))
         if fsync:
             for cur in cur_fds.values():
                 os.fsync(cur)

@@ -219,8 +219,8 @@ async def test_explicit_uids_give_the_totals_at_once_and_expunged_messages_count
         [("INBOX", uid) for uid in uids["INBOX"] if uid not in gone]
         + [("Other", uid) for uid in uids["Other"]]
     )
-    assert last == Progress(27, 27, 22 * 500, 6, 6, 2, 2)
-    assert str(last) == "27/27 messages, 11000 bytes, 6/6 batches, 2/2 folders"
+    assert last == Progress(27, 27, 22 * 500, 6, 6, 2, 2, messages_missing=5)
+    assert str(last) == "27/27 messages (5 missing), 11000 bytes, 6/6 batches, 2/2 folders"
 
 
 async def test_searched_folders_are_fetched_on_the_connection_that_searched(

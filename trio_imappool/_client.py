@@ -20,16 +20,24 @@ import imaplib
 import math
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import trio
 from imapclient import IMAPClient, SocketTimeout
+from imapclient.exceptions import ProtocolError
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import join_message_ids, seq_to_parenstr_upper
-from imapclient.response_parser import parse_fetch_response
+from imapclient.response_parser import (
+    _convert_ENVELOPE,
+    _convert_INTERNALDATE,
+    gen_parsed_response,
+)
+from imapclient.response_types import BodyData
 from imapclient.tls import IMAP4_TLS
+from imapclient.util import to_ints
 
 from ._config import PoolConfig
 from ._errors import (
@@ -77,12 +85,144 @@ class _GreetingCapabilities:
         super()._get_capabilities()  # type: ignore[misc]
 
 
-class _PlainIMAP4(_GreetingCapabilities, IMAP4WithTimeout):  # type: ignore[misc]
-    pass
+class _Interrupted(OSError):
+    """The pool gave up on an open while its worker thread was still connecting."""
 
 
-class _TLSIMAP4(_GreetingCapabilities, IMAP4_TLS):  # type: ignore[misc]
-    pass
+class _ShownSocket:
+    """imaplib makes its socket inside ``IMAP4.__init__`` and then connects it, shakes hands
+    (TLS) and reads the greeting, all before the caller gets the client: a server that trickles
+    its greeting a byte at a time keeps that thread forever, since each byte restarts the
+    socket's timeout. This makes the socket itself and shows it to the pool (*on_socket*)
+    before any blocking step, so that the pool can shut it down from outside, which wakes the
+    thread at once, as it does for commands. *on_socket* raises once the pool has given up.
+    """
+
+    host: str
+    port: int
+    _timeout: float | None
+    _on_socket: Callable[[socket.socket], None] | None = None
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        if timeout is None:
+            timeout = self._timeout
+        error: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM
+        ):
+            sock = socket.socket(family, kind, proto)
+            try:
+                self._show(sock)
+                sock.settimeout(timeout)
+                sock.connect(address)
+                return self._secure(sock)
+            except _Interrupted:
+                sock.close()
+                raise
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error or OSError(f"no address for {self.host!r}")
+
+    def _show(self, sock: socket.socket) -> None:
+        if self._on_socket is not None:
+            self._on_socket(sock)
+
+    def _secure(self, sock: socket.socket) -> socket.socket:
+        return sock
+
+
+class _PlainIMAP4(_GreetingCapabilities, _ShownSocket, IMAP4WithTimeout):  # type: ignore[misc]
+    def __init__(
+        self, host: str, port: int, timeout: float | None, on_socket: Callable[..., None] | None
+    ) -> None:
+        self._on_socket = on_socket
+        super().__init__(host, port, timeout)
+
+
+class _TLSIMAP4(_GreetingCapabilities, _ShownSocket, IMAP4_TLS):  # type: ignore[misc]
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: Any,
+        timeout: float | None,
+        on_socket: Callable[..., None] | None,
+    ) -> None:
+        self._on_socket = on_socket
+        super().__init__(host, port, ssl_context, timeout)
+
+    def _secure(self, sock: socket.socket) -> socket.socket:
+        context = self.ssl_context or ssl.create_default_context()
+        secured = context.wrap_socket(
+            sock, server_hostname=self.host, do_handshake_on_connect=False
+        )
+        self._show(secured)  # the handshake can stall too
+        secured.do_handshake()
+        return secured
+
+
+def parse_fetch_results(
+    lines: list[Any], normalise_times: bool, wanted: set[int] | None
+) -> dict[int, dict[bytes, Any]]:
+    """The messages in the untagged FETCH responses of a ``UID FETCH``, by UID.
+
+    Only responses that carry a UID are results, and with *wanted* only those with a UID in
+    it: a server sends other sessions' flag changes as ``* 7 FETCH (FLAGS (...))`` without a
+    UID, even in the middle of a UID FETCH, and imapclient's own parser then files them under
+    the sequence number, merged into whichever message has that number as its UID. Several
+    responses for the same UID are one message's items, merged.
+    """
+    results: dict[int, dict[bytes, Any]] = {}
+    for items in _fetch_responses(lines, normalise_times):
+        uid = items.get(b"UID")
+        if not isinstance(uid, int) or (wanted is not None and uid not in wanted):
+            continue
+        results.setdefault(uid, {}).update(items)
+    return results
+
+
+def _fetch_responses(lines: list[Any], normalise_times: bool) -> list[dict[bytes, Any]]:
+    """Each untagged FETCH response on its own, as imapclient converts its items (with
+    ``b"SEQ"``, and ``b"UID"`` if it had one). Never merged: a sequence number may name
+    another message after an EXPUNGE, which a server may send during a UID command."""
+    lines = [line for line in lines if line is not None]
+    if not lines:
+        return []
+    tokens = gen_parsed_response(lines)
+    out: list[dict[bytes, Any]] = []
+    for number in tokens:
+        try:
+            seq = int(number)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"invalid message number in a FETCH response: {number!r}") from None
+        items = next(tokens, None)
+        if not isinstance(items, tuple) or len(items) % 2:
+            raise ProtocolError(f"malformed FETCH response for message {seq}")
+        message: dict[bytes, Any] = {b"SEQ": seq}
+        for name, value in zip(items[::2], items[1::2], strict=True):
+            if not isinstance(name, bytes):
+                raise ProtocolError(f"malformed FETCH item name for message {seq}: {name!r}")
+            word = name.upper()
+            message[word] = _fetch_value(word, value, normalise_times)
+        out.append(message)
+    return out
+
+
+def _fetch_value(word: bytes, value: Any, normalise_times: bool) -> Any:
+    """One FETCH item's value as imapclient's ``fetch`` returns it."""
+    if word == b"UID":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"invalid UID in a FETCH response: {value!r}") from None
+    if word == b"INTERNALDATE":
+        return _convert_INTERNALDATE(value, normalise_times)
+    if word == b"ENVELOPE":
+        return _convert_ENVELOPE(value, normalise_times)
+    if word in (b"BODY", b"BODYSTRUCTURE"):
+        return BodyData.create(value)
+    return value
 
 
 class PipelinedFetch(NamedTuple):
@@ -111,10 +251,13 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
     idling: bool
     logged_out: bool
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, on_socket: Callable[[socket.socket], None] | None = None, **kwargs: Any
+    ) -> None:
         self.selected = None
         self.idling = False
         self.logged_out = False
+        self._on_socket = on_socket
         super().__init__(*args, **kwargs)
 
     def select_folder(self, folder: str, readonly: bool = False) -> dict[bytes, Any]:
@@ -152,6 +295,8 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         state = imap.state
         imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
         try:
+            # Untagged FETCH responses left by earlier commands are not this pipeline's.
+            imap.untagged_responses.pop("FETCH", None)
             for folder, uids in steps:
                 examine = None
                 if will_be != (folder, True):
@@ -203,17 +348,43 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                 lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x is not None]
                 if typ != "OK" and index not in failed:
                     failed[index] = PipelinedFetch(None, _failure("fetch", typ, answer), "fetch")
-            response = parse_fetch_response(lines or [None], self.normalise_times, True)
+            # Only responses with a UID asked for are results: unsolicited ones (other
+            # sessions' flag changes, without a UID) are dropped, never merged.
+            wanted = {uid for index in range(start, end) for uid in steps[index][1]}
+            response = parse_fetch_results(lines, self.normalise_times, wanted)
             for index in range(start, end):
                 if index in failed:
                     results.append(failed[index])
                 else:
-                    # Unsolicited FETCH responses (flag changes of other messages) are dropped.
                     uids = steps[index][1]
                     fetched = {uid: response[uid] for uid in uids if uid in response}
                     results.append(PipelinedFetch(fetched, None, None))
             start = end
         return results
+
+    def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
+        """imapclient's ``fetch``, but a message's data is only what the server sent for it.
+
+        With UIDs (the default), only responses that carry a UID asked for are results, so
+        another session's flag change (``* 7 FETCH (FLAGS (...))``, no UID) is never merged
+        into the message whose UID is 7; and FETCH responses left over from earlier commands
+        are not read as this command's.
+        """
+        if not self.use_uid:
+            return super().fetch(messages, data, modifiers)  # type: ignore[no-any-return]
+        if not messages:
+            return {}
+        imap = self._imap
+        imap.untagged_responses.pop("FETCH", None)
+        args = ["FETCH", join_message_ids(messages), seq_to_parenstr_upper(data)]
+        if modifiers:
+            args.append(seq_to_parenstr_upper(modifiers))
+        tag = imap._command("UID", *args)
+        typ, answer = imap._command_complete("FETCH", tag)
+        self._checkok("fetch", typ, answer)
+        lines = imap.untagged_responses.pop("FETCH", [])
+        wanted = set(to_ints(messages))
+        return parse_fetch_results(lines, self.normalise_times, wanted)
 
     def unselect_folder(self) -> Any:
         try:
@@ -247,8 +418,10 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
     def _create_IMAP4(self) -> imaplib.IMAP4:
         connect_timeout = getattr(self._timeout, "connect", None)
         if self.ssl:
-            return _TLSIMAP4(self.host, self.port, self.ssl_context, connect_timeout)
-        return _PlainIMAP4(self.host, self.port, connect_timeout)
+            return _TLSIMAP4(
+                self.host, self.port, self.ssl_context, connect_timeout, self._on_socket
+            )
+        return _PlainIMAP4(self.host, self.port, connect_timeout, self._on_socket)
 
     def restore_defaults(self) -> None:
         """Undo attribute changes a previous user may have made (no I/O)."""
@@ -257,11 +430,14 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         self.normalise_times = True
 
 
-def connect_client(config: PoolConfig) -> TrackingClient:
+def connect_client(
+    config: PoolConfig, on_socket: Callable[[socket.socket], None] | None = None
+) -> TrackingClient:
     """Connect and upgrade with STARTTLS if asked: everything before the login. Blocking.
 
     The connect timeout covers TCP connect, TLS handshake, greeting and CAPABILITY (asked for
-    only when the greeting lacks it); the login timeout covers STARTTLS.
+    only when the greeting lacks it); the login timeout covers STARTTLS. *on_socket* is shown
+    the socket before each blocking step (see :class:`_ShownSocket`).
     """
     client = TrackingClient(
         config.host,
@@ -269,6 +445,7 @@ def connect_client(config: PoolConfig) -> TrackingClient:
         ssl=config.ssl,
         ssl_context=config.ssl_context,
         timeout=SocketTimeout(connect=config.connect_timeout, read=config.login_timeout),
+        on_socket=on_socket,
     )
     try:
         # imapclient writes some commands in two pieces; without this each costs a delayed ACK.
@@ -323,6 +500,24 @@ def authenticate(client: IMAPClient, config: PoolConfig, token: str | None) -> N
         client.login(config.username, config.password)
 
 
+def has_buffered_data(imap: Any) -> bool:
+    """Whether imaplib holds bytes it has read from the socket but nobody has parsed: the
+    socket's readability cannot show them. Never blocks (the socket is made non-blocking for
+    the look). Only from the thread that owns the connection."""
+    sock = imap.sock
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    timeout = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        return bool(imap.file.peek(1))
+    except (OSError, ValueError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+
+
 def close_client(client: TrackingClient) -> None:
     """Close the client's socket without a LOGOUT. Only when no thread is using it."""
     client.logged_out = True
@@ -368,7 +563,9 @@ class PooledClient:
     __slots__ = (
         "_call",
         "_lock",
+        "_sock",
         "broken",
+        "buffered",
         "busy",
         "client",
         "created_at",
@@ -376,7 +573,9 @@ class PooledClient:
         "global_token",
         "last_used",
         "number",
+        "place",
         "poller",
+        "release_when_done",
         "server_gone",
     )
 
@@ -399,8 +598,18 @@ class PooledClient:
         self.broken: str | None = None
         #: True while a task is running a call on it (two tasks sharing a checkout).
         self.busy = False
+        #: Its checkout ended while another task's call still ran: the pool takes it back when
+        #: that call ends.
+        self.release_when_done = False
+        #: Where the pool has it: "new", "opening", "idle", "in_use" or "closed".
+        self.place = "new"
+        #: Whether imaplib's buffer held unread bytes when the last call ended (the server
+        #: sent more than the answer: what a readability check of the socket cannot see).
+        self.buffered = False
         self._lock = threading.Lock()
         self._call: _Call | None = None
+        #: The socket while the connection is being opened (see :meth:`connect_blocking`).
+        self._sock: socket.socket | None = None
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else "ok"
@@ -428,6 +637,8 @@ class PooledClient:
                 self.server_gone = suggests_server_gone(exc)
             raise
         finally:
+            if self.client is not None and self.broken is None:
+                self.buffered = has_buffered_data(self.client._imap)
             with self._lock:
                 orphaned = call.phase == _ORPHANED
                 call.phase = _FINISHED
@@ -435,6 +646,9 @@ class PooledClient:
                 if self.client is not None:
                     # The task gave up on us; we are the last user of the socket.
                     close_client(self.client)
+                elif self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        self._sock.close()
                 call.finished_in_thread()
 
     async def run(
@@ -450,6 +664,13 @@ class PooledClient:
         connection is marked broken, its socket shut down, and the task waits at most *grace*
         seconds (shielded) for the thread before re-raising.
         """
+        if self.thread_running:
+            # An interrupted call's worker has not ended yet: a second thread must never run
+            # inside the same client, and the record of that worker must not be lost.
+            raise trio.BrokenResourceError(
+                f"connection #{self.number} was interrupted and its worker thread is still "
+                "running; it will be discarded"
+            )
         call = _Call()
         self._call = call
         try:
@@ -479,8 +700,19 @@ class PooledClient:
             await trio.lowlevel.checkpoint()
 
     def connect_blocking(self, config: PoolConfig) -> None:
-        """Connect, up to the login (in a worker thread, through :meth:`run`)."""
-        self.client = connect_client(config)
+        """Connect, up to the login (in a worker thread, through :meth:`run`).
+
+        The socket is shown to :meth:`interrupt` before every blocking step, so an open is
+        interrupted like a command: a server that trickles its greeting cannot keep the thread.
+        """
+        self.client = connect_client(config, self._show_socket)
+        self._sock = None
+
+    def _show_socket(self, sock: socket.socket) -> None:
+        """Called in the worker thread with each new socket, before it blocks on it."""
+        self._sock = sock
+        if self.broken is not None:  # the pool gave up before the socket existed
+            raise _Interrupted(f"connection #{self.number}: opening was interrupted")
 
     def login_blocking(self, config: PoolConfig, token: str | None = None) -> None:
         """Log the connected client in (in a worker thread, through :meth:`run`)."""
@@ -490,9 +722,10 @@ class PooledClient:
         self.poller.register(self.client._imap.sock, select.POLLIN)
 
     def server_spoke(self) -> bool:
-        """Whether the idle connection's socket is readable: the server closed it or sent
-        something unasked (a BYE before shutting down). No round trip, never blocks."""
-        if self.poller is None:
+        """Whether the idle connection has something unread: its socket is readable (the
+        server closed it or sent something unasked, a BYE before shutting down) or imaplib's
+        buffer held bytes when the last command ended. No round trip, never blocks."""
+        if self.poller is None or self.buffered:
             return True
         try:
             # poll(), not recv(MSG_PEEK): a socket with a timeout waits inside recv().
@@ -503,12 +736,13 @@ class PooledClient:
     def interrupt(self) -> None:
         """Wake a worker blocked on this connection's socket (callable from any thread)."""
         client = self.client
-        if client is None:
-            return
+        sock = client._imap.sock if client is not None else self._sock
+        if sock is None:
+            return  # not connected yet: _show_socket sees `broken` and gives up
         with contextlib.suppress(OSError, AttributeError):
             # The plain socket method: for TLS sockets it shuts the TCP stream down without
             # touching the SSL object that the worker thread is using.
-            socket.socket.shutdown(client._imap.sock, socket.SHUT_RDWR)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Drop the connection without LOGOUT. Never blocks.
@@ -528,3 +762,6 @@ class PooledClient:
             self.interrupt()
         elif self.client is not None:
             close_client(self.client)
+        elif self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()

@@ -153,6 +153,11 @@ class Connection:
             return await slot.run(self._pool._thread_limiter, fn, slot.client, *args)
         finally:
             slot.busy = False
+            if slot.release_when_done:
+                # The checkout ended while this command ran (the block's task shared the
+                # connection with this one): now nobody uses it, so it goes back.
+                slot.release_when_done = False
+                self._pool._release(slot)
 
     async def _command(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await self.run_sync(_call_method, name, args, kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import imaplib
 import ssl
+from typing import Final
 
 import trio
 from imapclient import exceptions as imap_exc
@@ -124,8 +125,15 @@ def connection_survives(exc: BaseException) -> bool:
     if isinstance(exc, _COMMAND_FAILED):
         return True
     # A plain IMAPClientError (imaplib.IMAP4.error) is what imapclient raises for a tagged NO or
-    # BAD; its other subclasses (ProtocolError, handled above) mean trouble.
-    return type(exc) is imap_exc.IMAPClientError
+    # BAD; its other subclasses (ProtocolError, handled above) mean trouble. So does the one
+    # imaplib raises for an over-long line: it stopped reading in the middle of a response.
+    if type(exc) is not imap_exc.IMAPClientError:
+        return False
+    return not str(exc).startswith(_READ_STOPPED_MIDWAY)
+
+
+# imaplib's texts for a plain IMAP4.error raised while a response was only partly read.
+_READ_STOPPED_MIDWAY: Final = ("got more than",)
 
 
 def suggests_server_gone(exc: BaseException) -> bool:

@@ -110,8 +110,9 @@ class Progress:
     """A snapshot of a :func:`fetch_many`, from :attr:`FetchResults.progress`.
 
     A message counts as done when the iteration has handed it to the caller, or when the server
-    did not return it (expunged meanwhile: it is skipped). Totals are known once every folder's
-    search has finished; until then they are None.
+    did not return it or returned it without its data (expunged meanwhile: it is skipped, and
+    counted in ``messages_missing``). Totals are known once every folder's search has
+    finished; until then they are None.
 
     ==================  =============================================================
     field               meaning
@@ -123,6 +124,8 @@ class Progress:
     ``batches_done``    batches whose every message is done
     ``folders_total``   folders asked for
     ``folders_done``    folders whose every batch is done
+    ``messages_missing`` of the messages done, those skipped because the server did not
+                        return them or returned them without the data asked for
     ==================  =============================================================
     """
 
@@ -133,6 +136,7 @@ class Progress:
     batches_done: int
     folders_total: int
     folders_done: int
+    messages_missing: int = 0
 
     @property
     def complete(self) -> bool:
@@ -142,8 +146,9 @@ class Progress:
     def __str__(self) -> str:
         total = "?" if self.messages_total is None else self.messages_total
         batches = "?" if self.batches_total is None else self.batches_total
+        missing = f" ({self.messages_missing} missing)" if self.messages_missing else ""
         return (
-            f"{self.messages_done}/{total} messages, {self.bytes_done} bytes, "
+            f"{self.messages_done}/{total} messages{missing}, {self.bytes_done} bytes, "
             f"{self.batches_done}/{batches} batches, "
             f"{self.folders_done}/{self.folders_total} folders"
         )
@@ -157,6 +162,7 @@ class _Tracker:
         self._folders = folders
         self._messages_total = self._batches_total = 0
         self._messages = self._bytes = self._batches = self._folders_done = 0
+        self._missing = 0
         self._left: dict[str, int] = {}  # folder -> batches not done yet
         self.value: Final = AsyncValue(Progress(None, 0, 0, None, 0, folders, 0))
 
@@ -170,6 +176,7 @@ class _Tracker:
             self._batches,
             self._folders,
             self._folders_done,
+            self._missing,
         )
 
     def planned(self, folder: str, messages: int, batches: int) -> None:
@@ -183,9 +190,13 @@ class _Tracker:
             self._folders_done += 1
         self._publish()
 
-    def done(self, folder: str, messages: int, size: int, *, batch_done: bool) -> None:
-        """*messages* of *folder* (of *size* bytes) are done, and maybe their batch."""
+    def done(
+        self, folder: str, messages: int, size: int, *, batch_done: bool, missing: int = 0
+    ) -> None:
+        """*messages* of *folder* (of *size* bytes, *missing* of them skipped) are done, and
+        maybe their batch."""
         self._messages += messages
+        self._missing += missing
         self._bytes += size
         if batch_done:
             self._batches += 1
@@ -632,6 +643,8 @@ class FetchResults:
             StopAsyncIteration: Every message has been handed over (or a failure was).
             FanOutError: A batch failed (raised once; the other batches were cancelled).
             trio.ClosedResourceError: The ``async with`` block has ended.
+            trio.BusyResourceError: Another task is iterating over the same results (one
+                task iterates; others would each get some of the messages, unnoticed).
 
         **Cancellation**: a checkpoint; a cancelled call loses no message.
         """
@@ -639,6 +652,12 @@ class FetchResults:
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError(
                 "the fetch_many() block has ended: iterate the results inside it"
+            )
+        if self._in_next:
+            await trio.lowlevel.checkpoint()
+            raise trio.BusyResourceError(
+                "another task is already iterating over these results; hand the messages on "
+                "through a memory channel instead"
             )
         self._in_next = True
         try:
@@ -673,11 +692,14 @@ class FetchResults:
                 raise StopAsyncIteration from None
             self._raise_if_failed()
             self._current = delivery
+            skipped = delivery.skipped
             if delivery.messages:
-                if delivery.skipped:
-                    self._tracker.done(delivery.folder, delivery.skipped, 0, batch_done=False)
+                if skipped:
+                    self._tracker.done(
+                        delivery.folder, skipped, 0, batch_done=False, missing=skipped
+                    )
                 return delivery
-            self._tracker.done(delivery.folder, delivery.skipped, 0, batch_done=True)
+            self._tracker.done(delivery.folder, skipped, 0, batch_done=True, missing=skipped)
 
 
 def fetch_many(
@@ -701,8 +723,11 @@ def fetch_many(
 
     Each batch is one ``UID FETCH`` of up to *batch_size* UIDs, on a connection that has the
     folder selected read-only (EXAMINE), so nothing, not even ``\\Seen``, changes. Messages
-    that the server does not return (expunged meanwhile) are skipped and count as done in
-    :attr:`FetchResults.progress`.
+    that the server does not return, or returns without the message data asked for
+    (``BODY[] NIL``: expunged meanwhile), are skipped: no message reaches the caller without
+    its data. They count as done, and in ``messages_missing``, in
+    :attr:`FetchResults.progress`. Only responses that carry a UID asked for are results: a
+    server's unsolicited FETCH (another session's flag change) is never mistaken for one.
 
     **Pipelined.** A task sends two batches at once when there are batches left, with the
     EXAMINE each needs, and then reads the answers (IMAP lets a client pipeline commands;
@@ -751,6 +776,31 @@ def fetch_many(
     return _fetch_many(pool, plan, fields, batch_size, workers)
 
 
+def _data_keys(fields: Sequence[str | bytes]) -> tuple[bytes, ...]:
+    """The response keys of the message data asked for (``BODY.PEEK[TEXT]<0.100>`` is answered
+    as ``BODY[TEXT]<0>``): the start of each key, up to the section's closing bracket."""
+    keys = []
+    for field in fields:
+        word = (field.encode() if isinstance(field, str) else field).upper().strip()
+        word = word.replace(b"BODY.PEEK[", b"BODY[").replace(b"BINARY.PEEK[", b"BINARY[")
+        if word.startswith((b"BODY[", b"BINARY[")):
+            keys.append(word.split(b"]", 1)[0] + b"]")
+        elif word in (b"RFC822", b"RFC822.HEADER", b"RFC822.TEXT"):
+            keys.append(word)
+    return tuple(keys)
+
+
+def _has_data(data: Mapping[bytes, Any], keys: tuple[bytes, ...]) -> bool:
+    """Whether a fetched message has every piece of message data asked for, and none of it
+    NIL: a message expunged by another session may come back as ``BODY[] NIL``, or without
+    it."""
+    for key in keys:
+        found = [value for name, value in data.items() if name.startswith(key)]
+        if not found or any(value is None for value in found):
+            return False
+    return True
+
+
 def _fetch_pipelined(
     client: IMAPClient,
     steps: list[tuple[str, Sequence[int]]],
@@ -769,8 +819,14 @@ async def _fetch_many(
     batch_size: int,
     workers: int,
 ) -> AsyncIterator[FetchResults]:
+    wanted = _data_keys(fields)
+
     def delivery(work: _Work, fetched: dict[int, dict[bytes, Any]]) -> _Delivery:
-        messages = collections.deque((uid, fetched.pop(uid)) for uid in work.uids if uid in fetched)
+        messages = collections.deque(
+            (uid, data)
+            for uid in work.uids
+            if (data := fetched.pop(uid, None)) is not None and _has_data(data, wanted)
+        )
         return _Delivery(work.folder, messages, len(work.uids) - len(messages))
 
     async def fetch_pipelined(

@@ -22,16 +22,16 @@ import dataclasses
 import logging
 import re
 import select
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import trio
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, ProtocolError
 from imapclient.response_parser import parse_fetch_response, parse_response
 
+from ._client import has_buffered_data
 from ._connection import Connection
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["IdleEvent", "IdleEvents", "IdleStatistics", "idle"]
 
 logger = logging.getLogger("trio_imappool")
+
+T = TypeVar("T")
 
 #: RFC 2177: a client should re-issue IDLE at least every 29 minutes, or the server may log it
 #: out as inactive.
@@ -112,23 +114,13 @@ class IdleStatistics:
 def _ready(imap: Any) -> bool:
     """Whether a read would find data now: in imaplib's buffer, TLS's buffer, or the socket.
 
-    Never blocks: peeks with the socket non-blocking. A plain socket's peek returns ``b""``
-    both when there is nothing and at EOF, so an empty peek asks the socket too (EOF reads as
-    readable, and a blocking read then reports it).
+    Never blocks. An empty buffer asks the socket too (EOF reads as readable, and a blocking
+    read then reports it).
     """
-    sock = imap.sock
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)
-    try:
-        data = imap.file.peek(1)
-    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        return False  # TLS: no application data yet (maybe part of a record)
-    finally:
-        sock.settimeout(timeout)
-    if data:
+    if has_buffered_data(imap):
         return True
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
+    poller.register(imap.sock, select.POLLIN)
     return bool(poller.poll(0))
 
 
@@ -203,20 +195,30 @@ def _fetch_items(body: list[_Fragment], normalise_times: bool) -> dict[bytes, An
 
 class _Session:
     """The protocol state of one watch. Touched only inside a worker thread hop, or by the
-    Trio task between hops (never both at once: one hop at a time, awaited)."""
+    Trio task between hops (never both at once: one hop at a time, awaited).
 
-    __slots__ = ("error", "tag")
+    What a hop reads is kept here, not only returned: a cancellation that lands after the
+    thread has read some pushes but before its result reaches the task drops the result, and
+    the pushes would be lost while the connection stays healthy. The task takes the events
+    from here after every hop, however the hop ended.
+    """
+
+    __slots__ = ("error", "events", "more", "tag")
 
     def __init__(self) -> None:
         #: The tag of the IDLE command in progress, or None when not idling.
         self.tag: bytes | None = None
         #: Raised by the next hop: the server said BYE.
         self.error: BaseException | None = None
+        #: Events read by hops and not yet taken by the task.
+        self.events: list[IdleEvent] = []
+        #: Data may still be buffered: the next step is another read, not a wait for
+        #: readability (which cannot see buffered data).
+        self.more = False
 
-
-# Each hop returns (events, more): *more* says that data may still be buffered, so the next
-# step is another read, not a wait for readability (which cannot see buffered data).
-_Batch = tuple[list[IdleEvent], bool]
+    def take_events(self) -> list[IdleEvent]:
+        events, self.events = self.events, []
+        return events
 
 
 def _check_error(session: _Session) -> None:
@@ -224,51 +226,57 @@ def _check_error(session: _Session) -> None:
         raise session.error
 
 
-def _collect(
-    client: Any, session: _Session, fragments: list[_Fragment], out: list[IdleEvent]
-) -> None:
+def _collect(client: Any, session: _Session, fragments: list[_Fragment]) -> None:
     event = _event(fragments, client.normalise_times)
-    out.append(event)
+    session.events.append(event)
     if event.kind == "BYE" and session.error is None:
         text = event.raw[1].decode("utf-8", "replace") if len(event.raw) > 1 else ""
         session.error = IMAPClientAbortError(f"the server closed the connection: BYE {text}")
 
 
-def _begin_idle(client: Any, session: _Session) -> _Batch:
+def _begin_idle(client: Any, session: _Session) -> None:
     """Send IDLE and read up to the continuation. Untagged responses before it are events."""
     _check_error(session)
     imap = client._imap
     client.idling = True  # from here on, the pool must not reuse it unless DONE completes
     tag: bytes = imap._command("IDLE")
     session.tag = tag
-    out: list[IdleEvent] = []
+    session.more = False
     while True:
         fragments = _read_response(imap)
         head = _head(fragments)
         if head.startswith(b"+"):
             # The continuation may share a segment with the first pushes: they are in
             # imaplib's buffer now, where waiting on the socket would not see them.
-            return out, _ready(imap)
+            session.more = _ready(imap)
+            return
         status = _tag_status(head, tag)
         if status is not None:
             imap.tagged_commands.pop(tag, None)
             session.tag = None
             client.idling = False
             raise IMAPClientError(f"IDLE failed: {head.decode('utf-8', 'replace')}")
-        _collect(client, session, fragments, out)
+        _collect(client, session, fragments)
         if session.error is not None:
-            return out, False
+            return
 
 
-def _end_idle(client: Any, session: _Session) -> list[IdleEvent]:
-    """Send DONE and read up to IDLE's tagged completion; untagged responses are events."""
+def _end_idle(client: Any, session: _Session) -> None:
+    """Send DONE and read everything it provokes; untagged responses are events.
+
+    A NOOP goes right behind DONE (same round trip), and reading stops at its completion:
+    whether the server was still idling (IDLE completes, then NOOP) or had already ended IDLE
+    by itself (IDLE's completion was under way, and the server answers DONE with a BAD),
+    nothing is left unread for the connection's next user.
+    """
     _check_error(session)
     imap = client._imap
     tag = session.tag
-    out: list[IdleEvent] = []
     if tag is None:
-        return out
+        return
     imap.send(b"DONE\r\n")
+    barrier: bytes = imap._command("NOOP")
+    failure: str | None = None
     while True:
         fragments = _read_response(imap)
         head = _head(fragments)
@@ -276,30 +284,39 @@ def _end_idle(client: Any, session: _Session) -> list[IdleEvent]:
         if status is not None:
             imap.tagged_commands.pop(tag, None)
             session.tag = None
-            client.idling = False
             if status != b"OK":
-                raise IMAPClientError(f"IDLE failed: {head.decode('utf-8', 'replace')}")
-            return out
-        _collect(client, session, fragments, out)
+                failure = f"IDLE failed: {head.decode('utf-8', 'replace')}"
+            continue
+        status = _tag_status(head, barrier)
+        if status is not None:
+            imap.tagged_commands.pop(barrier, None)
+            if session.tag is not None:
+                raise ProtocolError("the server ended a command that followed IDLE, not IDLE")
+            client.idling = False
+            if failure is not None:
+                raise IMAPClientError(failure)
+            return
+        if head.startswith((b"DONE ", b"* BAD")):
+            continue  # the server had left IDLE: DONE is an unknown command to it
+        _collect(client, session, fragments)
         _check_error(session)
 
 
-def _renew(client: Any, session: _Session) -> _Batch:
+def _renew(client: Any, session: _Session) -> None:
     """End IDLE and start it again in one hop, keeping what arrived in between."""
-    ended = _end_idle(client, session)
-    started, more = _begin_idle(client, session)
-    return ended + started, more
+    _end_idle(client, session)
+    _begin_idle(client, session)
 
 
-def _read_batch(client: Any, session: _Session) -> _Batch:
+def _read_batch(client: Any, session: _Session) -> None:
     """Read the responses that are available now (at least one if any is); never waits for
     one to start, but waits (under the read timeout) for the rest of one that has started."""
     _check_error(session)
     imap = client._imap
-    out: list[IdleEvent] = []
-    while len(out) < MAX_BATCH:
+    session.more = False
+    for _ in range(MAX_BATCH):
         if not _ready(imap):
-            return out, False
+            return
         fragments = _read_response(imap)
         head = _head(fragments)
         status = _tag_status(head, session.tag)
@@ -310,19 +327,18 @@ def _read_batch(client: Any, session: _Session) -> _Batch:
             client.idling = False
             if status != b"OK":
                 raise IMAPClientError(f"IDLE failed: {head.decode('utf-8', 'replace')}")
-            return out, False
-        _collect(client, session, fragments, out)
+            return
+        _collect(client, session, fragments)
         if session.error is not None:
-            return out, False
-    return out, True
+            return
+    session.more = True
 
 
-def _poll(client: Any, session: _Session) -> list[IdleEvent]:
-    """Send NOOP and return the untagged responses that came with its completion."""
+def _poll(client: Any, session: _Session) -> None:
+    """Send NOOP and keep the untagged responses that came with its completion."""
     _check_error(session)
     imap = client._imap
     tag: bytes = imap._command("NOOP")
-    out: list[IdleEvent] = []
     while True:
         fragments = _read_response(imap)
         head = _head(fragments)
@@ -331,19 +347,20 @@ def _poll(client: Any, session: _Session) -> list[IdleEvent]:
             imap.tagged_commands.pop(tag, None)
             if status != b"OK":
                 raise IMAPClientError(f"NOOP failed: {head.decode('utf-8', 'replace')}")
-            return out
-        _collect(client, session, fragments, out)
+            return
+        _collect(client, session, fragments)
 
 
-def _open(client: Any, session: _Session, folder: str) -> tuple[dict[bytes, Any], bool, _Batch]:
-    """Select *folder* read-only and, if the server can, start IDLE."""
+def _open(client: Any, session: _Session, folder: str) -> tuple[Any, dict[bytes, Any], bool]:
+    """Select *folder* read-only and, if the server can, start IDLE. Returns the socket,
+    SELECT's answer, and whether IDLE is on."""
     # Capabilities first: right after LOGIN they are known without a round trip, while a
     # SELECT would clear imaplib's record of them.
     can_idle = bool(client.has_capability("IDLE"))
     selected: dict[bytes, Any] = client.select_folder(folder, readonly=True)
-    if not can_idle:
-        return selected, False, ([], False)
-    return selected, True, _begin_idle(client, session)
+    if can_idle:
+        _begin_idle(client, session)
+    return client.socket(), selected, can_idle
 
 
 # -- the Trio side ------------------------------------------------------------------------------
@@ -380,7 +397,6 @@ class IdleEvents:
         self._poll_interval = poll_interval
         self._sock: Any = None
         self._pending: deque[IdleEvent] = deque()
-        self._more = False
         self._renew_at = trio.current_time() + renew_after
         self._next_poll = trio.current_time() + poll_interval
         self._busy = False
@@ -453,49 +469,44 @@ class IdleEvents:
         broken = self._conn.broken
         if broken is not None:
             raise trio.BrokenResourceError(f"the IDLE connection broke: {broken}")
+        session = self._session
         if self.mode == "poll":
             await trio.sleep_until(self._next_poll)
-            events = await self._conn.run_sync(_poll, self._session)
+            await self._hop(_poll)
             self._polls += 1
             self._next_poll = trio.current_time() + self._poll_interval
-            self._add(events)
             return
-        if self._session.tag is None:  # the server ended IDLE by itself
+        if session.tag is None:  # the server ended IDLE by itself
             await self._start_idle(_begin_idle)
-        elif self._more or self._session.error is not None:
-            self._add_batch(await self._conn.run_sync(_read_batch, self._session))
+        elif session.more or session.error is not None:
+            await self._hop(_read_batch)
         elif trio.current_time() >= self._renew_at:
             await self._start_idle(_renew)
         else:
             with trio.move_on_at(self._renew_at):
                 await trio.lowlevel.wait_readable(self._sock)
-                self._more = True  # readable: the next step reads
+                session.more = True  # readable: the next step reads
 
-    async def _start_idle(self, step: Callable[[Any, _Session], _Batch]) -> None:
+    async def _hop(self, step: Callable[..., T], *args: Any) -> T:
+        """Run one blocking step in a worker thread; whatever it read becomes pending events,
+        however the hop ends (a cancellation may drop its result, never its events)."""
+        try:
+            return await self._conn.run_sync(step, self._session, *args)
+        finally:
+            events = self._session.take_events()
+            self._received += len(events)
+            self._pending.extend(events)
+
+    async def _start_idle(self, step: Callable[[Any, _Session], None]) -> None:
         self._renew_at = trio.current_time() + self._renew_after
         self._idle_commands += 1
-        self._add_batch(await self._conn.run_sync(step, self._session))
-
-    def _add_batch(self, batch: _Batch) -> None:
-        events, self._more = batch
-        self._add(events)
-
-    def _add(self, events: list[IdleEvent]) -> None:
-        self._received += len(events)
-        self._pending.extend(events)
+        await self._hop(step)
 
     async def _begin(self) -> None:
-        def opening(client: Any, session: _Session, folder: str) -> Any:
-            return client.socket(), _open(client, session, folder)
-
-        self._sock, (selected, can_idle, batch) = await self._conn.run_sync(
-            opening, self._session, self.folder
-        )
-        self.selected = selected
+        self._sock, self.selected, can_idle = await self._hop(_open, self.folder)
         if can_idle:
             self._idle_commands += 1
             self._renew_at = trio.current_time() + self._renew_after
-            self._add_batch(batch)
         else:
             self.mode = "poll"
             self._next_poll = trio.current_time() + self._poll_interval
@@ -510,7 +521,7 @@ class IdleEvents:
         with trio.move_on_after(done_timeout, shield=True):
             try:
                 # With a pending BYE this raises in the thread: the connection is discarded.
-                await self._conn.run_sync(_end_idle, session)
+                await self._hop(_end_idle)
             except Exception as exc:
                 logger.debug("ending IDLE on %r failed: %r", self._conn, exc)
 

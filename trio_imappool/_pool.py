@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import itertools
@@ -18,7 +19,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 from trio_util import AsyncValue
 
-from . import _fanout, _idle
+from . import _fanout
+from . import _idle as _watching
 from ._client import PooledClient, TrackingClient
 from ._config import PoolConfig
 from ._connection import Connection
@@ -53,6 +55,22 @@ LIMIT_BACKOFF: Final = 1.0
 LIMIT_RECHECK: Final = 30.0
 MAINTENANCE_TICK_MIN: Final = 0.05
 MAINTENANCE_TICK_MAX: Final = 30.0
+
+
+# The places a connection goes through, and the moves between them that the pool makes:
+# opened into the idle channel (or given up), taken from it by a task or by the pool's own
+# work, given back, closed. Closed is final.
+_MOVES: Final = frozenset(
+    {
+        ("new", "opening"),
+        ("opening", "idle"),
+        ("opening", "closed"),
+        ("idle", "in_use"),
+        ("idle", "closed"),
+        ("in_use", "idle"),
+        ("in_use", "closed"),
+    }
+)
 
 
 class _Probe:
@@ -130,10 +148,8 @@ class Pool:
         self._thread_limiter = thread_limiter or trio.CapacityLimiter(config.max_size)
         self._idle_send, self._idle_recv = trio.open_memory_channel[PooledClient](config.max_size)
         self._numbers = itertools.count(1)
-        # Connections in the idle channel, including one on its way to a waiting task.
-        self._idle = 0
-        self._in_use = 0
-        self._opening = 0
+        # How many connections are in each place (see _move): the only record of the counts.
+        self._places: collections.Counter[str] = collections.Counter()
         self._queued = 0
         self._waiters: dict[_Waiter, None] = {}
         self._closed = False
@@ -170,6 +186,41 @@ class Pool:
             logger.warning(
                 "%s: credentials are sent WITHOUT TLS (insecure_plaintext=True)", config.name
             )
+
+    # -- where each connection is -------------------------------------------------------------
+
+    @property
+    def _idle(self) -> int:
+        """Connections in the idle channel, including one on its way to a waiting task."""
+        return self._places["idle"]
+
+    @property
+    def _in_use(self) -> int:
+        """Connections checked out, or busy with the pool's own work (reset, keepalive,
+        LOGOUT)."""
+        return self._places["in_use"]
+
+    @property
+    def _opening(self) -> int:
+        """Connections being opened (including openers queued under a shared cap)."""
+        return self._places["opening"]
+
+    def _move(self, slot: PooledClient, to: str) -> None:
+        """Put *slot* in another place. Every change of the counts goes through here, and a
+        move the pool's rules do not allow (a connection released twice, or put back after
+        it was closed) raises at once instead of corrupting the counts and the limiter."""
+        here = slot.place
+        if (here, to) not in _MOVES:
+            raise RuntimeError(
+                f"{self.config.name}: internal error: connection #{slot.number} cannot go "
+                f"from {here} to {to}"
+            )
+        if here != "new":
+            self._places[here] -= 1
+        if to != "closed":
+            self._places[to] += 1
+        slot.place = to
+        self._publish()
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -289,48 +340,49 @@ class Pool:
     remove_flags_many = _fanout.remove_flags_many
     copy_many = _fanout.copy_many
     move_many = _fanout.move_many
-    idle = _idle.idle
+    idle = _watching.idle
 
     async def _acquire(
         self, wait_limit: float | None, want: tuple[str, bool] | None = None
     ) -> PooledClient:
+        """Check a connection out: the checkout's whole work (waiting, the health check of an
+        idle connection, selecting *want*) ends by one deadline."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        timeout = self.config.acquire_timeout if wait_limit is None else wait_limit
+        deadline = trio.current_time() + timeout
         while True:
             if self._closed:
                 raise PoolClosedError(f"{self.config.name}: the pool is closed")
             try:
                 slot = self._take_idle_nowait(want)
             except trio.WouldBlock:
-                slot = await self._wait_for_connection(wait_limit)
+                slot = await self._wait_for_connection(timeout, deadline)
             else:
                 try:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 except BaseException:
-                    self._return(slot)
+                    self._release(slot)
                     raise
-            self._in_use += 1
             if self._closed:
                 self._release(slot)
                 raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
-            if trio.current_time() - slot.last_used > self.config.noop_check_after:
-                # Idle for long: make sure it still answers before handing it out.
-                try:
-                    healthy = await self._noop_check(slot)
-                except BaseException:
-                    self._release(slot)
-                    raise
-                if not healthy:
-                    self._release(slot)
-                    continue
-            if want is not None:
-                try:
-                    await self._select(slot, want)
-                except BaseException:
-                    self._release(slot)
-                    raise
-            self._acquires += 1
-            self._publish()
-            return slot
+            try:
+                with trio.move_on_at(deadline):
+                    idle_for = trio.current_time() - slot.last_used
+                    # Idle for long: make sure it still answers before handing it out.
+                    if idle_for > self.config.noop_check_after and not await self._noop_check(slot):
+                        self._release(slot)
+                        continue
+                    if want is not None:
+                        await self._select(slot, want)
+                    self._acquires += 1
+                    return slot
+            except BaseException:
+                self._release(slot)
+                raise
+            # The deadline passed during the check or the SELECT (which was interrupted).
+            self._release(slot)
+            raise self._timed_out(timeout, str(self.statistics()))
 
     async def _select(self, slot: PooledClient, want: tuple[str, bool]) -> None:
         client = slot.client
@@ -355,29 +407,32 @@ class Pool:
         return False
 
     def _take_idle_nowait(self, want: tuple[str, bool] | None = None) -> PooledClient:
-        if want is not None and self._idle > 1:
-            slot = self._take_idle_with(want)
-            if slot is not None:
-                return slot
-        while True:
-            slot = self._idle_recv.receive_nowait()
-            self._idle -= 1
-            if self._usable(slot):
-                return slot
+        """A usable idle connection, now in use; raises :class:`trio.WouldBlock` if none."""
+        slot = self._take_idle_with(want) if want is not None and self._idle > 1 else None
+        while slot is None:
+            candidate = self._idle_recv.receive_nowait()
+            if self._usable(candidate):
+                slot = candidate
+        self._move(slot, "in_use")
+        return slot
 
     def _take_idle_with(self, want: tuple[str, bool]) -> PooledClient | None:
-        """The first usable idle connection with *want* selected, the others left in order."""
-        idle = self._take_all_idle()
+        """The first usable idle connection with *want* selected, the others left in order.
+        A candidate that is not usable is dropped (by :meth:`_usable`), never put back."""
+        keep: list[PooledClient] = []
         chosen = None
-        for i, slot in enumerate(idle):
-            if slot.client is not None and slot.client.selected == want and self._usable(slot):
-                chosen = slot
-                del idle[i]
-                break
-        self._put_back(idle)
+        for slot in self._take_all_idle():
+            if chosen is None and slot.client is not None and slot.client.selected == want:
+                if self._usable(slot):
+                    chosen = slot
+                continue
+            keep.append(slot)
+        self._put_back(keep)
         return chosen
 
     async def _noop_check(self, slot: PooledClient) -> bool:
+        """NOOP, bounded by ``connect_timeout`` (and by the caller's scopes); whether it
+        answered. A cancellation interrupts it and the connection is then broken."""
         self._noop_checks += 1
         if await self._housekeeping(slot, TrackingClient.noop, self.config.connect_timeout):
             return True
@@ -403,18 +458,17 @@ class Pool:
             return True
         return False
 
-    async def _wait_for_connection(self, wait_limit: float | None) -> PooledClient:
-        timeout = self.config.acquire_timeout if wait_limit is None else wait_limit
+    async def _wait_for_connection(self, limit: float, deadline: float) -> PooledClient:
         self._acquire_waits += 1
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        with trio.CancelScope(deadline=deadline) as scope:
             waiter = _Waiter(scope)
             self._waiters[waiter] = None
             try:
                 self._want_connections()
                 while True:
                     slot = await self._idle_recv.receive()
-                    self._idle -= 1
                     if self._usable(slot):
+                        self._move(slot, "in_use")
                         return slot
             finally:
                 # The counts as this waiter saw them, for the timeout's message.
@@ -423,21 +477,29 @@ class Pool:
                 self._publish()
         if waiter.error is not None:
             raise waiter.error
+        raise self._timed_out(limit, seen)
+
+    def _timed_out(self, timeout: float, seen: str) -> PoolTimeout:
+        """The error of a checkout that reached its deadline (counted)."""
         self._acquire_timeouts += 1
         last = self._last_open_error
         reason = f"; opening connections fails: {last}" if last else ""
-        raise PoolTimeout(
+        error = PoolTimeout(
             f"{self.config.name}: no connection within {timeout:g} s ({seen}){reason}"
-        ) from last
+        )
+        error.__cause__ = last
+        return error
 
     # -- release ---------------------------------------------------------------------------------
 
     def _release(self, slot: PooledClient) -> None:
         """Take a connection back from a task. Synchronous: never blocks, never fails."""
-        self._in_use -= 1
         self._return(slot)
 
     def _return(self, slot: PooledClient) -> None:
+        """Put an opened or released connection where it belongs: the idle channel, a reset,
+        a LOGOUT, or closed."""
+        assert (not slot.busy and not slot.thread_running) or slot.broken is not None, slot
         slot.last_used = trio.current_time()
         client = slot.client
         assert client is not None
@@ -454,12 +516,11 @@ class Pool:
         elif slot.last_used >= slot.expires_at:
             self._retire(slot)
         elif self.config.reset_on_release and client.selected is not None:
-            self._in_use += 1
-            self._nursery.start_soon(self._reset, slot)
+            self._nursery.start_soon(self._reset, slot)  # in use until it is reset
         else:
             client.restore_defaults()
+            self._move(slot, "idle")
             self._idle_send.send_nowait(slot)
-            self._idle += 1
         self._publish()
 
     async def _reset(self, slot: PooledClient) -> None:
@@ -482,6 +543,7 @@ class Pool:
 
     def _forget(self, slot: PooledClient) -> None:
         """Close *slot* and give its place in the size limiter (and any global one) back."""
+        self._move(slot, "closed")  # raises for a second close, before anything is released
         slot.close()
         if slot.thread_running:
             self._orphans.append(slot)
@@ -490,6 +552,7 @@ class Pool:
             assert self._connection_limiter is not None
             self._connection_limiter.release_on_behalf_of(slot)
             slot.global_token = False
+        self._publish()  # the size counts the place just given back
 
     def drain(self) -> None:
         """Close every idle connection now, and every checked-out one when it comes back.
@@ -529,20 +592,20 @@ class Pool:
         self._publish()
 
     def _take_all_idle(self) -> list[PooledClient]:
-        """Empty the idle channel (synchronously, so no task can slip in between)."""
+        """Empty the idle channel (synchronously, so no task can slip in between). The
+        connections stay idle in the counts: the caller puts each back, drops or retires it
+        before it yields."""
         taken: list[PooledClient] = []
         while True:
             try:
                 taken.append(self._idle_recv.receive_nowait())
             except trio.WouldBlock:
-                self._idle -= len(taken)
                 return taken
 
     def _put_back(self, slots: list[PooledClient]) -> None:
         """Return idle connections taken by :meth:`_take_all_idle`, in their order."""
         for slot in slots:
             self._idle_send.send_nowait(slot)
-        self._idle += len(slots)
 
     def _mark_if_stale(self, slot: PooledClient) -> None:
         """Mark *slot* broken if it was opened before a server failure or drain()."""
@@ -551,8 +614,9 @@ class Pool:
 
     def _retire(self, slot: PooledClient) -> None:
         """Close a healthy connection politely (LOGOUT) in the background."""
-        self._in_use += 1  # busy with the pool's own work until the LOGOUT is done
-        self._nursery.start_soon(self._logout, slot, True)
+        if slot.place == "idle":
+            self._move(slot, "in_use")  # busy with the pool's own work until it is closed
+        self._nursery.start_soon(self._logout, slot)
 
     async def _keepalive(self, slot: PooledClient) -> None:
         self._keepalives += 1
@@ -590,7 +654,7 @@ class Pool:
                 self._retire(slot)
                 retired += 1
             elif config.keepalive is not None and now - slot.last_used >= config.keepalive:
-                self._in_use += 1
+                self._move(slot, "in_use")
                 self._nursery.start_soon(self._keepalive, slot)
             else:
                 keep.append(slot)
@@ -639,7 +703,7 @@ class Pool:
                 self._size_limiter.acquire_on_behalf_of_nowait(slot)
             except trio.WouldBlock:
                 break
-            self._opening += 1
+            self._move(slot, "opening")
             self._nursery.start_soon(self._open, slot, probe)
         self._publish()
 
@@ -689,8 +753,8 @@ class Pool:
                     try:
                         self._size_limiter.acquire_on_behalf_of_nowait(fresh)
                     except trio.WouldBlock:
-                        self._opening -= 1
                         return
+                    self._move(fresh, "opening")
                     pending = fresh
                     probe = self._probe = _Probe()  # still the only one trying
                     continue
@@ -704,12 +768,10 @@ class Pool:
                 self._last_open_error = None
                 self._next_attempt_at = -math.inf
                 logger.debug("%s: opened #%d", config.name, pending.number)
-                self._opening -= 1
                 opened, pending = pending, None
                 self._return(opened)
         finally:
             if pending is not None:
-                self._opening -= 1
                 self._forget(pending)
             self._want_connections()
 
@@ -851,26 +913,20 @@ class Pool:
             return
         self._closed = True
         self._fail_waiters(PoolClosedError(f"{self.config.name}: the pool was closed"))
-        idle: list[PooledClient] = []
-        while True:
-            try:
-                idle.append(self._idle_recv.receive_nowait())
-                self._idle -= 1
-            except trio.WouldBlock:
-                break
+        idle = self._take_all_idle()
+        for slot in idle:
+            self._move(slot, "in_use")  # busy with the LOGOUT
         with trio.move_on_after(self.config.logout_timeout, shield=True):
             async with trio.open_nursery() as nursery:
                 for slot in idle:
-                    nursery.start_soon(self._logout, slot, False)
+                    nursery.start_soon(self._logout, slot)
         self._publish()
 
-    async def _logout(self, slot: PooledClient, busy: bool) -> None:
+    async def _logout(self, slot: PooledClient) -> None:
         """LOGOUT (bounded by ``logout_timeout``), then close. Never raises but Cancelled."""
         try:
             await self._housekeeping(slot, TrackingClient.logout, self.config.logout_timeout)
         finally:
-            if busy:
-                self._in_use -= 1
             self._drop(slot, discarded=False)
 
     async def _wait_for_orphans(self) -> None:
@@ -895,19 +951,28 @@ def _unselect(client: TrackingClient) -> None:
 class _Checkout:
     """The async context manager returned by :meth:`Pool.connection`."""
 
-    __slots__ = ("_conn", "_pool", "_slot", "_timeout", "_want")
+    __slots__ = ("_conn", "_entered", "_pool", "_slot", "_timeout", "_want")
 
     def __init__(self, pool: Pool, timeout: float | None, want: tuple[str, bool] | None) -> None:
         self._pool = pool
         self._timeout = timeout
         self._want = want
+        self._entered = False
         self._slot: PooledClient | None = None
         self._conn: Connection | None = None
 
     async def __aenter__(self) -> Connection:
-        if self._slot is not None:
+        # Marked before the first await: a second task entering the same object meanwhile
+        # would otherwise get a connection whose exit this object cannot record.
+        if self._entered:
+            await trio.lowlevel.checkpoint()
             raise RuntimeError("this pool.connection() context manager is already in use")
-        slot = await self._pool._acquire(self._timeout, self._want)
+        self._entered = True
+        try:
+            slot = await self._pool._acquire(self._timeout, self._want)
+        except BaseException:
+            self._entered = False
+            raise
         self._slot = slot
         self._conn = Connection(self._pool, slot)
         return self._conn
@@ -921,8 +986,14 @@ class _Checkout:
         slot, conn = self._slot, self._conn
         assert slot is not None and conn is not None
         self._slot = self._conn = None
+        self._entered = False
         conn._slot = None
-        self._pool._release(slot)
+        if slot.busy:
+            # Another task (sharing this checkout) is still running a command on it: the
+            # connection comes back when that command ends (see Connection.run_sync).
+            slot.release_when_done = True
+        else:
+            self._pool._release(slot)
 
 
 @asynccontextmanager

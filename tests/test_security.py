@@ -366,7 +366,7 @@ def test_a_token_with_a_line_break_is_refused_at_login() -> None:
         "127.0.0.1", 143, username="u", oauth2_token=lambda refresh: "t", ssl=False
     )
     with pytest.raises(ConfigurationError, match="token"):
-        authenticate(Client(), config, "tok\r\nA1 CREATE X")  # type: ignore[arg-type]
+        authenticate(Client(), config, "tok\r\nA1 CREATE X")
 
 
 NON_ASCII = "pä§wörd-ß"

@@ -29,6 +29,9 @@ Exit status:
   5    TLS failed (certificate not trusted, wrong host name, no STARTTLS)
   6    other IMAP error (the server refused or broke off a command)
   7    local error (the Maildir cannot be written, or another export is using it)
+  8    partial export: every folder and message not named on standard error was
+       exported; a folder that could not be (named, with the reason) or messages the
+       server listed but did not return (folder and count) were not; run again to retry
   130  interrupted (Ctrl-C); what was written stays, run again to go on
 """
 
@@ -91,6 +94,7 @@ EXIT_CODES = {
     "tls": 5,
     "imap": 6,
     "local": 7,
+    "partial": 8,
     "interrupted": 130,
 }
 
@@ -691,7 +695,32 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     options = settings.pool_options()
     result, stats = trio.run(_export, options, root, settings, args.progress)
     _print_result(result, stats, root, args.verbose, out)
-    return 0
+    return _report_incomplete(result, sys.stderr)
+
+
+def _printable(name: str) -> str:
+    """A folder name for one line of output: control characters shown as escapes."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in name)
+
+
+def _report_incomplete(result: ExportResult, err: TextIO) -> int:
+    """Name each folder not exported and each folder with missing messages; the exit status."""
+    for failure in result.folders_failed:
+        print(
+            f"{PROG}: folder {_printable(failure.name)!r} not exported: {failure.reason}",
+            file=err,
+        )
+    for folder in result.folders:
+        if folder.missing:
+            print(
+                f"{PROG}: folder {_printable(folder.name)!r}: {_n(folder.missing, 'message')} "
+                "listed by the server but not returned (not exported; the next run asks again)",
+                file=err,
+            )
+    if result.complete:
+        return EXIT_CODES["ok"]
+    print(f"{PROG}: partial export: run again to retry what is named above", file=err)
+    return EXIT_CODES["partial"]
 
 
 # -- demo ----------------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ class ScriptedFolder:
         subscribed: Listed by LSUB.
         status: The raw answer to STATUS after the name, e.g. ``b"(MESSAGES x)"``, for servers
             that answer garbage; ``None``: the real counts of the items asked for.
+        delimiter: The delimiter LIST shows for this folder (servers with several namespaces
+            show different ones); ``None``: the account's.
     """
 
     messages: list[ScriptedMessage] = dataclasses.field(default_factory=list)
@@ -130,6 +132,7 @@ class ScriptedFolder:
     attributes: tuple[str, ...] = ("\\HasNoChildren",)
     subscribed: bool = True
     status: bytes | None = None
+    delimiter: str | None = None
 
     @classmethod
     def of(cls, bodies: Sequence[bytes], *, first_uid: int = 1, **options: Any) -> ScriptedFolder:
@@ -181,13 +184,16 @@ class ScriptedAccount:
     namespace: bytes | None = None
 
     def find(self, wire_name: bytes) -> tuple[str | bytes, ScriptedFolder] | None:
-        """The folder a client named (by its bytes on the wire), or None."""
-        for name, folder in self.folders.items():
-            encoded = _encode_name(name)
-            if encoded == wire_name or (
-                encoded.upper() == b"INBOX" and wire_name.upper() == b"INBOX"
-            ):
-                return name, folder
+        """The folder a client named (by its bytes on the wire), or None. An exact match
+        first; then INBOX in any case."""
+        encoded = {name: _encode_name(name) for name in self.folders}
+        for name, wire in encoded.items():
+            if wire == wire_name:
+                return name, self.folders[name]
+        if wire_name.upper() == b"INBOX":
+            for name, wire in encoded.items():
+                if wire.upper() == b"INBOX":
+                    return name, self.folders[name]
         return None
 
 
@@ -542,10 +548,9 @@ class ScriptedSession:
                 wire = _encode_name(name)
                 if (lsub and not folder.subscribed) or not matcher.match(wire):
                     continue
+                own = sep if folder.delimiter is None else _quote(folder.delimiter.encode())
                 flags = " ".join(folder.attributes).encode()
-                await self.send_line(
-                    b"* " + word.encode() + b" (" + flags + b") " + sep + b" " + _quote(wire)
-                )
+                await self.send_line(b"* %s (%s) %s %s" % (word.encode(), flags, own, _quote(wire)))
         await self.send_line(f"{command.tag} OK {word} done")
 
     async def _do_LSUB(self, command: ScriptedCommand) -> None:

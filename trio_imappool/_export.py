@@ -14,6 +14,16 @@ dots: ``Archive/2024`` is ``.Archive.2024`` whatever the server's delimiter. In 
 characters, non-ASCII included, are kept (UTF-8). Mail readers that know Maildir++
 (Dovecot, mutt, neomutt, mbsync with ``SubFolders Maildir++``) read this layout.
 
+**Hostile names.** Folder names are data, never paths: :func:`local_folder_name` holds the
+rules (an over-long name is shortened with a hash; no result is empty, ``.``, ``..`` or more
+than one path component), and two server folders never share a directory (the second gets a
+``%~{hash}`` name, kept across runs through the state files). Nothing outside the destination
+is ever created, moved or deleted. A folder that cannot be exported (a name that cannot be
+asked for again, a garbled STATUS, a NO to its EXAMINE) is reported in
+:attr:`ExportResult.folders_failed` and the others are exported; a message the server lists
+but does not return is counted in :attr:`FolderReport.missing`, not recorded as exported, and
+asked for again by the next run.
+
 **Messages.** One file per message in the folder's ``cur/``, named
 ``{UIDVALIDITY}-{UID}.trio-imappool,S={size}:2,{flags}``, holding the message exactly as the
 server sent it (``BODY[]``, CRLF line endings, no conversion). The flags are Maildir's info

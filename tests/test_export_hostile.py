@@ -31,6 +31,7 @@ from trio_imappool._export import (
     maildir_folder_path,
 )
 from trio_imappool.testing import (
+    DEFAULT_CAPABILITIES,
     DovecotServer,
     ScriptedCommand,
     ScriptedFolder,
@@ -90,6 +91,12 @@ def on_disk(path: Path) -> set[bytes]:
 
 def expected_on_disk(folder: ScriptedFolder) -> set[bytes]:
     return {m.body for m in folder.messages if m.body is not None and m.in_fetch}
+
+
+CAPABILITIES = {
+    "LIST then STATUS": DEFAULT_CAPABILITIES,
+    "LIST-STATUS": (*DEFAULT_CAPABILITIES, "LIST-STATUS"),
+}
 
 
 async def export_from(server: Any, dest: Path) -> ExportResult:
@@ -258,17 +265,21 @@ CASES: dict[str, tuple[dict[str | bytes, ScriptedFolder], str | None, set[str]]]
 }
 
 
+@pytest.mark.parametrize("listing", list(CAPABILITIES))
 @pytest.mark.parametrize("case", list(CASES))
 async def test_hostile_folders_never_leave_the_destination_nor_stop_the_others(
-    tmp_path: Path, case: str
+    tmp_path: Path, case: str, listing: str
 ) -> None:
     folders, delimiter, failed = CASES[case]
     parent, dest = make_neighbourhood(tmp_path)
     before = snapshot(parent, dest)
     with trio.fail_after(30):
-        async with open_scripted_server(folders=folders, delimiter=delimiter) as server:
+        async with open_scripted_server(
+            folders=folders, delimiter=delimiter, capabilities=CAPABILITIES[listing]
+        ) as server:
             result = await export_from(server, dest)
             again = await export_from(server, dest)  # stable: nothing new, same directories
+    assert ("STATUS" in server.command_names()) == (listing == "LIST then STATUS")
     assert snapshot(parent, dest) == before
     check_every_folder(result, folders, dest, failed)
     assert not result.messages_missing

@@ -6,12 +6,12 @@ wording, unsolicited FETCH lines between responses, a line over imaplib's limit,
 ends IDLE by itself: each is a few lines of a handler, or a field of the account.
 
 The server speaks enough IMAP4rev1 for imapclient and the pool (CAPABILITY, LOGIN, AUTHENTICATE
-PLAIN, LIST, LSUB, STATUS, SELECT, EXAMINE, SEARCH, FETCH and their UID forms, NOOP, IDLE,
-UNSELECT, CLOSE, NAMESPACE, ID, ENABLE, LOGOUT; literals from the client, synchronizing or
-``LITERAL+``). It is not a conforming server: it never changes its account except for ``\\Seen``
-on a ``BODY[]`` fetch from a folder selected read-write, and it understands only simple search
-keys. It listens on ``127.0.0.1`` only, on a free port unless told otherwise, and every read from
-a client has a deadline (``read_timeout``).
+PLAIN, LIST with LIST-STATUS, LSUB, STATUS, SELECT, EXAMINE, SEARCH, FETCH and their UID forms,
+NOOP, IDLE, UNSELECT, CLOSE, NAMESPACE, ID, ENABLE, LOGOUT; literals from the client,
+synchronizing or ``LITERAL+``). It is not a conforming server: it never changes its account
+except for ``\\Seen`` on a ``BODY[]`` fetch from a folder selected read-write, and it
+understands only simple search keys. It listens on ``127.0.0.1`` only, on a free port unless
+told otherwise, and every read from a client has a deadline (``read_timeout``).
 
 Example (in a Trio test)::
 
@@ -299,6 +299,22 @@ def _sequence_set(spec: bytes, largest: int) -> set[int]:
     return numbers
 
 
+def _status_answer(folder: ScriptedFolder, items: Sequence[Argument]) -> bytes:
+    """The parenthesized part of a STATUS answer: the folder's ``status`` if scripted, else
+    the items asked for that the server knows."""
+    if folder.status is not None:
+        return folder.status
+    values = {
+        b"MESSAGES": len(folder.messages),
+        b"UIDNEXT": folder.next_uid(),
+        b"UIDVALIDITY": folder.uidvalidity,
+        b"RECENT": 0,
+        b"UNSEEN": sum("\\Seen" not in m.flags for m in folder.messages),
+    }
+    wanted = [i.upper() for i in items if isinstance(i, bytes)]
+    return b"(" + b" ".join(b"%s %d" % (i, values[i]) for i in wanted if i in values) + b")"
+
+
 def _glob(pattern: bytes, delimiter: bytes) -> re.Pattern[bytes]:
     out = b""
     for ch in pattern:
@@ -540,6 +556,14 @@ class ScriptedSession:
         delimiter = (self.account.delimiter or "").encode()
         sep = _quote(delimiter) if delimiter else b"NIL"
         pattern = command.arg(0) + command.arg(1)
+        # LIST-STATUS (RFC 5819): LIST "" "*" RETURN (STATUS (MESSAGES ...)).
+        status_items: list[Argument] | None = None
+        options = command.args[3] if len(command.args) > 3 else None
+        if command.arg(2).upper() == b"RETURN" and isinstance(options, list) and not lsub:
+            for i, option in enumerate(options[:-1]):
+                following = options[i + 1]
+                if option == b"STATUS" and isinstance(following, list):
+                    status_items = following
         if command.arg(1) == b"":
             await self.send_line(f"* {word} (\\Noselect) ".encode() + sep + b' ""')
         else:
@@ -551,6 +575,9 @@ class ScriptedSession:
                 own = sep if folder.delimiter is None else _quote(folder.delimiter.encode())
                 flags = " ".join(folder.attributes).encode()
                 await self.send_line(b"* %s (%s) %s %s" % (word.encode(), flags, own, _quote(wire)))
+                if status_items is not None and folder.selectable():
+                    answer = _status_answer(folder, status_items)
+                    await self.send_line(b"* STATUS " + _quote(wire) + b" " + answer)
         await self.send_line(f"{command.tag} OK {word} done")
 
     async def _do_LSUB(self, command: ScriptedCommand) -> None:
@@ -567,24 +594,8 @@ class ScriptedSession:
             await self._no_folder(command)
             return
         name, folder = found
-        answer = folder.status
-        if answer is None:
-            items = command.args[1] if len(command.args) > 1 else []
-            values = {
-                b"MESSAGES": len(folder.messages),
-                b"UIDNEXT": folder.next_uid(),
-                b"UIDVALIDITY": folder.uidvalidity,
-                b"RECENT": 0,
-                b"UNSEEN": sum("\\Seen" not in m.flags for m in folder.messages),
-            }
-            wanted = (
-                [i.upper() for i in items if isinstance(i, bytes)]
-                if isinstance(items, list)
-                else []
-            )
-            answer = (
-                b"(" + b" ".join(b"%s %d" % (i, values[i]) for i in wanted if i in values) + b")"
-            )
+        items = command.args[1] if len(command.args) > 1 else []
+        answer = _status_answer(folder, items if isinstance(items, list) else [])
         await self.send_line(b"* STATUS " + _quote(_encode_name(name)) + b" " + answer)
         await self.send_line(f"{command.tag} OK STATUS done")
 
@@ -879,8 +890,8 @@ async def open_scripted_server(
         users: User name -> password. Default: ``{"user": "password"}``.
         delimiter: The hierarchy delimiter (``None``: a flat server).
         capabilities: What the server announces (add ``"LOGINDISABLED"`` to refuse LOGIN,
-            leave out ``"AUTH=PLAIN"``, add ``"LIST-STATUS"`` only with a ``LIST`` handler
-            that supports it: the default LIST ignores ``RETURN``).
+            leave out ``"AUTH=PLAIN"``, add ``"LIST-STATUS"`` for clients that use
+            ``LIST ... RETURN (STATUS ...)``: the default LIST answers it either way).
         greeting_capabilities: Put ``[CAPABILITY ...]`` in the greeting.
         greeting: Replace the greeting: raw bytes (CRLF added if missing), or
             ``async def greeting(session)`` that writes what it wants, trickles it, or closes

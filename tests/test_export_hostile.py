@@ -21,11 +21,13 @@ import pytest
 import trio
 from hypothesis import strategies as st
 
-from trio_imappool import open_pool
+from trio_imappool import ConfigurationError, open_pool
 from trio_imappool.__main__ import EXIT_CODES, main
 from trio_imappool._export import (
     MAX_LOCAL_NAME,
     ExportResult,
+    ServerFolder,
+    _assign_paths,
     export_maildir,
     local_folder_name,
     maildir_folder_path,
@@ -186,6 +188,41 @@ def test_whatever_the_name_the_result_stays_inside(name: str, delimiter: str | N
 def test_distinct_names_map_to_distinct_directories(a: str, b: str, delimiter: str | None) -> None:
     hypothesis.assume(a != b and not (a.upper() == b.upper() == "INBOX"))
     assert local_folder_name(a, delimiter) != local_folder_name(b, delimiter)
+
+
+@hypothesis.given(
+    listed=st.lists(
+        st.tuples(
+            st.sampled_from(["INBOX", "Inbox", "a/b", "a.b", "", "/", ".", "..", "漢" * 90])
+            | st.text(max_size=30),
+            st.sampled_from(["/", ".", None]),
+        ),
+        max_size=12,
+        unique_by=lambda pair: pair[0],
+    )
+)
+@hypothesis.settings(max_examples=300, deadline=None)
+def test_no_two_folders_ever_share_a_directory(listed: list[tuple[str, str | None]]) -> None:
+    root = Path("/nonexistent-destination")
+    servers = [ServerFolder(name, delimiter, 1, 1, 0) for name, delimiter in listed]
+    placed, failures = _assign_paths(root, servers)
+    assert not failures
+    assert sorted(s.name for s, _ in placed) == sorted(name for name, _ in listed)
+    paths = [path for _, path in placed]
+    assert len(set(paths)) == len(paths)
+    assert all(path == root or path.parent == root for path in paths)
+    reordered = _assign_paths(root, list(reversed(servers)))[0]
+    assert sorted((s.name, p) for s, p in reordered) == sorted((s.name, p) for s, p in placed)
+
+
+async def test_folder_patterns_with_line_breaks_are_refused(tmp_path: Path) -> None:
+    async with open_scripted_server() as server, open_pool(**server.pool_kwargs()) as pool:
+        for bad in (["a\r\nb"], ["x\x00"]):
+            with pytest.raises(ConfigurationError):
+                await export_maildir(pool, tmp_path, folders=bad)
+            with pytest.raises(ConfigurationError):
+                await export_maildir(pool, tmp_path, exclude=bad)
+    assert server.connections == 0
 
 
 # -- the hostile table ---------------------------------------------------------------------------

@@ -233,3 +233,33 @@ def test_thread_variant_serves_blocking_code() -> None:
         client.logout()
         assert isinstance(server.server, ScriptedServer)
         assert server.connections == 1
+
+
+async def test_a_trickled_greeting_without_capabilities_still_opens_a_pool() -> None:
+    async def trickle(session: ScriptedSession) -> None:
+        for byte in b"* OK slow server\r\n":
+            await session.send(bytes([byte]))
+            await trio.sleep(0.001)
+
+    with trio.fail_after(10):
+        async with (
+            open_scripted_server(greeting=trickle, greeting_capabilities=False) as server,
+            trio_imappool.open_pool(**server.pool_kwargs()) as pool,
+        ):
+            await pool.run_sync(lambda c: c.noop())
+    assert server.command_names()[0] == "CAPABILITY"  # asked, since the greeting had none
+
+
+async def test_a_silent_client_is_closed_after_the_read_timeout() -> None:
+    with trio.fail_after(10):
+        async with open_scripted_server(read_timeout=0.2) as server:
+            stream = await trio.open_tcp_stream(server.host, server.port)
+            async with stream:
+                received = b""
+                while True:
+                    data = await stream.receive_some()
+                    if not data:
+                        break
+                    received += data
+    assert received.startswith(b"* OK [CAPABILITY IMAP4rev1")
+    assert server.active == 0 and server.connections == 1

@@ -388,6 +388,15 @@ async def test_a_non_ascii_password_logs_in_with_auto_on_dovecot(
         await pool.run_sync(IMAPClient.noop)
 
 
+async def test_a_non_ascii_password_logs_in_with_login_literals_on_dovecot(
+    dovecot: DovecotServer,
+) -> None:
+    dovecot.add_user("utf8literal", NON_ASCII)
+    settings = dict(dovecot.pool_kwargs("utf8literal", tls=False), auth_mechanism="LOGIN")
+    async with open_pool(**settings) as pool:
+        await pool.run_sync(IMAPClient.noop)
+
+
 @pytest.mark.parametrize("mechanism", ["auto", "LOGIN"])
 async def test_a_non_ascii_password_goes_as_a_literal_where_there_is_no_plain(
     mechanism: str,

@@ -384,8 +384,21 @@ async def test_a_missing_message_in_a_searched_folder_is_found_too(tmp_path: Pat
     with trio.fail_after(30):
         async with open_scripted_server(folders=folders) as server:
             result = await export_from(server, tmp_path)
-    assert result.messages_missing == 1
-    assert on_disk(tmp_path) == {body("sparse", 1), body("sparse", 9000)}
+            assert result.messages_missing == 1
+            assert on_disk(tmp_path) == {body("sparse", 1), body("sparse", 9000)}
+            # Later runs fetch a sparse folder by criteria (UID range, NOT the UIDs here).
+            messages[1].in_fetch = True
+            complete = await export_from(server, tmp_path)
+            assert complete.complete and complete.messages_fetched == 1
+            messages += [
+                ScriptedMessage(uid=20000, body=body("sparse", 20000), in_fetch=False),
+                ScriptedMessage(uid=30000, body=body("sparse", 30000)),
+            ]
+            later = await export_from(server, tmp_path)
+            assert any(c.name == "SEARCH" and b"NOT" in c.raw[0] for c in server.commands)
+    assert later.messages_missing == 1 and later.messages_fetched == 1
+    assert body("sparse", 20000) not in on_disk(tmp_path)
+    assert body("sparse", 30000) in on_disk(tmp_path)
 
 
 async def test_a_folder_the_server_will_not_examine_fails_alone(tmp_path: Path) -> None:

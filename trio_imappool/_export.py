@@ -560,6 +560,7 @@ class _Folder:
     received: set[int] = dataclasses.field(default_factory=set)  # UIDs the fetch returned
     asked: set[int] = dataclasses.field(default_factory=set)  # UIDs asked for by number
     searched: bool = False  # asked for by search criteria (UIDs unknown here)
+    whole: bool = False  # asked for with "ALL" only (a first export of the folder)
     missing: list[int] = dataclasses.field(default_factory=list)  # asked for, not returned
     failure: str | None = None  # why the folder could not be exported
 
@@ -999,6 +1000,7 @@ class _Run:
             if isinstance(folder.spec, list) and all(isinstance(u, int) for u in folder.spec):
                 folder.asked.update(folder.spec)
             else:
+                folder.whole = folder.spec == "ALL" and (folder.whole or not folder.searched)
                 folder.searched = True
         self.totals = (len(chosen), sum(f.expected for f in chosen))
         self.folders_handed = max(self.folders_handed, len(chosen))
@@ -1109,8 +1111,9 @@ async def _verify(pool: Pool, run: _Run, max_connections: int | None) -> None:
             continue
         server = folder.server
         if folder.searched:
-            if len(folder.exported) >= server.messages and not folder.asked - folder.exported:
-                continue  # as many messages here as the server has: nothing can be missing
+            listed = sum(1 for uid in folder.received if uid < server.uidnext)
+            if folder.whole and listed >= server.messages:
+                continue  # a first export that received every message the status counted
             low = max(folder.synced_below, 1)
             if low < server.uidnext:
                 checks.append((folder, ["UID", f"{low}:{server.uidnext - 1}"], None))

@@ -14,6 +14,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from trio_imappool import AuthenticationError, ConnectError, FanOutError, TLSError
 from trio_imappool.__main__ import EXIT_CODES, Settings, UsageError, classify, main
+from trio_imappool.testing import start_scripted_server_thread
 
 ENV = "TRIO_IMAPPOOL_"
 
@@ -158,3 +159,63 @@ def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().err.splitlines() == [
         "trio-imappool export: error: --starttls and --plain exclude each other (see --help)"
     ]
+
+
+# -- secrets on the command line (issue 11) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["--password=hunter2-Secret"],
+        ["--password", "hunter2-Secret"],
+        ["--passwd=hunter2-Secret"],
+        ["-p", "hunter2-Secret"],
+        ["--pasword=hunter2-Secret"],  # a typo: unknown, and still not echoed
+        ["--pasword", "hunter2-Secret", "extra"],
+    ],
+)
+def test_a_password_on_the_command_line_is_refused_and_never_echoed(
+    capsys: pytest.CaptureFixture[str], words: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--host", "127.0.0.1", *words, "/tmp/unused-maildir"])
+    assert info.value.code == EXIT_CODES["usage"]
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.err + captured.out
+    assert "(see --help)" in captured.err
+
+
+def test_the_first_line_of_the_password_command_is_the_password() -> None:
+    command = "printf 'first-line-secret\\nlogin: someone\\nurl: https://example.org\\n'"
+    args = export_args("--host", "127.0.0.1", "--user", "u", "--password-command", command)
+    assert Settings(args, {}).pool_options()["password"] == "first-line-secret"
+    crlf = export_args("--host", "h", "--user", "u", "--password-command", "printf 's3\\r\\nx'")
+    assert Settings(crlf, {}).pool_options()["password"] == "s3"
+    empty = export_args("--host", "h", "--user", "u", "--password-command", "printf '\\nx-secret'")
+    with pytest.raises(UsageError, match="first line") as info:
+        Settings(empty, {}).pool_options()
+    assert "x-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("USER", "u\r\nA1 CREATE InjectedByEnv"), ("PASSWORD", "p\nA1 CREATE InjectedByEnv")],
+)
+def test_a_line_break_in_the_user_or_password_is_a_usage_error_before_connecting(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+) -> None:
+    with start_scripted_server_thread() as server:
+        monkeypatch.setenv(f"{ENV}PASSWORD", "password")
+        monkeypatch.setenv(f"{ENV}USER", "user")
+        monkeypatch.setenv(ENV + variable, value)
+        code = main(
+            ["export", "--host", server.host, "--port", str(server.port), "--plain", str(tmp_path)]
+        )
+        assert code == EXIT_CODES["usage"]
+        assert server.connections == 0
+    assert "Injected" not in capsys.readouterr().err

@@ -22,7 +22,7 @@ from trio_imappool import (
     open_pool,
 )
 from trio_imappool._client import authenticate
-from trio_imappool.testing import DovecotServer
+from trio_imappool.testing import DovecotServer, open_scripted_server
 from trio_imappool.testing._dovecot import DovecotFactory
 
 from .conftest import assert_settled
@@ -316,3 +316,126 @@ async def test_secrets_never_appear_in_logs_reprs_errors_or_statistics(
         sasl = f"user=tom\x01auth=Bearer {secret}\x01\x01"
         for form in (secret, base64.b64encode(sasl.encode()).decode(), secret[:10]):
             assert form not in haystack
+
+
+# -- injection and non-ASCII secrets (issue 11) --------------------------------------------------
+
+INJECTIONS = [
+    ("username", "u\r\nA1 CREATE InjectedByUser"),
+    ("username", "u\nA1 CREATE InjectedByUserLF"),
+    ("username", "u\x00"),
+    ("password", "p\r\nA1 CREATE InjectedByPassword"),
+    ("password", "p\rA1 CREATE InjectedByPasswordCR"),
+    ("password", "p\x00x"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), INJECTIONS)
+async def test_cr_lf_nul_in_credentials_are_refused_before_anything_connects(
+    dovecot: DovecotServer, account: dict[str, Any], field: str, value: str
+) -> None:
+    def folders() -> list[str]:
+        client = IMAPClient(account["host"], account["port"], ssl=False, timeout=5)
+        try:
+            client.login(account["username"], account["password"])
+            return sorted(name for _, _, name in client.list_folders())
+        finally:
+            client.shutdown()
+
+    before = await trio.to_thread.run_sync(folders)
+    settings = dict(account, **{field: value})
+    with pytest.raises(ConfigurationError) as info:
+        async with open_pool(**settings):
+            pass  # pragma: no cover
+    assert await trio.to_thread.run_sync(folders) == before
+    assert "Injected" not in str(info.value) and "\r" not in str(info.value)
+    # And before any connection: a scripted server sees none.
+    async with open_scripted_server() as server:
+        with pytest.raises(ConfigurationError):
+            async with open_pool(**dict(server.pool_kwargs(), **{field: value})):
+                pass  # pragma: no cover
+        assert server.connections == 0
+
+
+def test_a_token_with_a_line_break_is_refused_at_login() -> None:
+    class Client:
+        def oauth2_login(self, user: str, token: str) -> None:  # pragma: no cover
+            raise AssertionError("sent")
+
+    config = PoolConfig.build(
+        "127.0.0.1", 143, username="u", oauth2_token=lambda refresh: "t", ssl=False
+    )
+    with pytest.raises(ConfigurationError, match="token"):
+        authenticate(Client(), config, "tok\r\nA1 CREATE X")
+
+
+NON_ASCII = "pä§wörd-ß"
+
+
+def _leaks(text: str, secret: str) -> bool:
+    """Whether *text* holds a non-ASCII character of *secret* or 4 characters of it in a row."""
+    if any(ch in text for ch in secret if not ch.isascii()):
+        return True
+    return any(secret[i : i + 4] in text for i in range(len(secret) - 3))
+
+
+async def test_a_non_ascii_password_logs_in_with_auto_on_dovecot(
+    dovecot: DovecotServer,
+) -> None:
+    dovecot.add_user("utf8user", NON_ASCII)
+    async with open_pool(**dovecot.pool_kwargs("utf8user", tls=False)) as pool:
+        assert pool.config.auth_mechanism == "auto"
+        await pool.run_sync(IMAPClient.noop)
+
+
+async def test_a_non_ascii_password_logs_in_with_login_literals_on_dovecot(
+    dovecot: DovecotServer,
+) -> None:
+    dovecot.add_user("utf8literal", NON_ASCII)
+    settings = dict(dovecot.pool_kwargs("utf8literal", tls=False), auth_mechanism="LOGIN")
+    async with open_pool(**settings) as pool:
+        await pool.run_sync(IMAPClient.noop)
+
+
+@pytest.mark.parametrize("mechanism", ["auto", "LOGIN"])
+async def test_a_non_ascii_password_goes_as_a_literal_where_there_is_no_plain(
+    mechanism: str,
+) -> None:
+    users = {"jörg": NON_ASCII, "ann": NON_ASCII}
+    async with open_scripted_server(users=users, capabilities=("IMAP4rev1",)) as server:
+        for user in users:
+            settings = dict(server.pool_kwargs(user), auth_mechanism=mechanism)
+            async with open_pool(**settings) as pool:
+                await pool.run_sync(IMAPClient.noop)
+    logins = [c for c in server.commands if c.name == "LOGIN"]
+    assert [c.args for c in logins] == [[u.encode(), NON_ASCII.encode()] for u in users]
+    assert all(NON_ASCII.encode() in c.raw for c in logins)  # a literal of its own
+
+
+async def test_no_part_of_a_wrong_non_ascii_password_reaches_an_error_or_log(
+    dovecot: DovecotServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    dovecot.add_user("utf8wrong", "right-pässword")
+    texts: list[str] = []
+    capabilities = [("IMAP4rev1",), ("IMAP4rev1", "AUTH=PLAIN")]
+    with caplog.at_level(logging.DEBUG):
+        async with (
+            open_scripted_server(users={"u": "x"}, capabilities=capabilities[0]) as a,
+            open_scripted_server(users={"u": "x"}, capabilities=capabilities[1]) as b,
+        ):
+            targets = [
+                dict(dovecot.pool_kwargs("utf8wrong", tls=False), password=NON_ASCII),
+                dict(a.pool_kwargs(), password=NON_ASCII),
+                dict(b.pool_kwargs(), password=NON_ASCII),
+            ]
+            for settings in targets:
+                async with open_pool(**settings) as pool:
+                    with pytest.raises(AuthenticationError) as info:
+                        await pool.run_sync(IMAPClient.noop)
+                error: BaseException | None = info.value
+                while error is not None:
+                    texts += [str(error), repr(error)]
+                    error = error.__cause__ or error.__context__
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [str(record.exc_info) for record in caplog.records if record.exc_info]
+    assert not _leaks("\n".join(texts), NON_ASCII)

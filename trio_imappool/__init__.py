@@ -36,9 +36,11 @@ from ._export import (
     ExportError,
     ExportProgress,
     ExportResult,
+    FolderFailure,
     FolderNotFoundError,
     FolderReport,
     export_maildir,
+    local_folder_name,
 )
 from ._fanout import (
     FanOutError,
@@ -71,6 +73,7 @@ __all__ = [
     "ExportResult",
     "FanOutError",
     "FetchResults",
+    "FolderFailure",
     "FolderNotFoundError",
     "FolderReport",
     "GroupStatistics",
@@ -93,6 +96,7 @@ __all__ = [
     "copy_many",
     "export_maildir",
     "fetch_many",
+    "local_folder_name",
     "move_many",
     "open_pool",
     "open_pool_group",

@@ -14,7 +14,11 @@ exclude = [...], maildir); then the defaults.
 The password (or OAuth2 token, with --auth xoauth2) is the standard output of
 --password-command if given, else TRIO_IMAPPOOL_PASSWORD, else the output of a
 password_command from the environment or the config file, else asked for when standard
-input is a terminal; never a command-line argument, never in the config file.
+input is a terminal; never a command-line argument, never in the config file. A password
+command's first line of output is the password or token (as with `pass`, whose entries may
+hold more lines: user names, URLs, notes); the rest is ignored, and it is never printed.
+User names, passwords and tokens with a line break (CR, LF) or NUL are refused (status 2)
+before anything connects.
 
 Exit status:
   0    done
@@ -25,6 +29,9 @@ Exit status:
   5    TLS failed (certificate not trusted, wrong host name, no STARTTLS)
   6    other IMAP error (the server refused or broke off a command)
   7    local error (the Maildir cannot be written, or another export is using it)
+  8    partial export: every folder and message not named on standard error was
+       exported; a folder that could not be (named, with the reason) or messages the
+       server listed but did not return (folder and count) were not; run again to retry
   130  interrupted (Ctrl-C); what was written stays, run again to go on
 """
 
@@ -38,6 +45,7 @@ import importlib
 import ipaddress
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -86,6 +94,7 @@ EXIT_CODES = {
     "tls": 5,
     "imap": 6,
     "local": 7,
+    "partial": 8,
     "interrupted": 130,
 }
 
@@ -281,17 +290,24 @@ def _is_loopback(host: str) -> bool:
 
 
 def _run_password_command(command: str) -> str:
+    """The first line of the command's standard output, without its line ending.
+
+    The first line is the secret, as ``pass`` and tools like it print it (an entry's other lines
+    hold metadata). Nothing of the output, nor the command's standard error, goes into an error
+    message.
+    """
     try:
         result = subprocess.run(
             command, shell=True, capture_output=True, text=True, timeout=60, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UsageError(f"the password command failed: {exc}") from exc
+        reason = "timed out" if isinstance(exc, subprocess.TimeoutExpired) else type(exc).__name__
+        raise UsageError(f"the password command failed ({reason})") from None
     if result.returncode != 0:
         raise UsageError(f"the password command failed with exit status {result.returncode}")
-    secret = result.stdout.rstrip("\r\n")
+    secret = result.stdout.split("\n", 1)[0].rstrip("\r")
     if not secret:
-        raise UsageError("the password command printed nothing")
+        raise UsageError("the password command printed nothing on its first line")
     return secret
 
 
@@ -299,10 +315,37 @@ def _run_password_command(command: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line too (the usage is in --help)."""
+    """An argument parser whose usage errors are one line too (the usage is in --help), and
+    never show the value of an argument it did not know (``--password=SECRET``)."""
 
     def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            # argparse lists the unknown words as given: keep only what names an option.
+            words = message[len(prefix) :].split()
+            shown = [w.split("=", 1)[0] if w.startswith("-") else "VALUE" for w in words]
+            message = prefix + " ".join(shown)
         self.exit(EXIT_CODES["usage"], f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = sys.argv[1:] if args is None else list(args)
+        for word in words:
+            if word == "--":
+                break
+            if _PASSWORD_FLAG.match(word):
+                self.error(
+                    f"{word.split('=', 1)[0]}: passwords are never taken on the command line "
+                    f"(they would be in the shell history and the process list); use "
+                    f"{ENV_PREFIX}PASSWORD, --password-command or the prompt"
+                )
+        return super().parse_known_args(args, namespace)
+
+
+# Words that look like a password given as an option: --password, --passwd, --pass, -p, with or
+# without "=value". --password-command is an option of its own.
+_PASSWORD_FLAG = re.compile(r"^(?:--pass(?:word|wd)?|-p)(?:=.*)?$", re.DOTALL)
 
 
 class _TLSMode(argparse.Action):
@@ -652,7 +695,32 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     options = settings.pool_options()
     result, stats = trio.run(_export, options, root, settings, args.progress)
     _print_result(result, stats, root, args.verbose, out)
-    return 0
+    return _report_incomplete(result, sys.stderr)
+
+
+def _printable(name: str) -> str:
+    """A folder name for one line of output: control characters shown as escapes."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in name)
+
+
+def _report_incomplete(result: ExportResult, err: TextIO) -> int:
+    """Name each folder not exported and each folder with missing messages; the exit status."""
+    for failure in result.folders_failed:
+        print(
+            f"{PROG}: folder {_printable(failure.name)!r} not exported: {failure.reason}",
+            file=err,
+        )
+    for folder in result.folders:
+        if folder.missing:
+            print(
+                f"{PROG}: folder {_printable(folder.name)!r}: {_n(folder.missing, 'message')} "
+                "listed by the server but not returned (not exported; the next run asks again)",
+                file=err,
+            )
+    if result.complete:
+        return EXIT_CODES["ok"]
+    print(f"{PROG}: partial export: run again to retry what is named above", file=err)
+    return EXIT_CODES["partial"]
 
 
 # -- demo ----------------------------------------------------------------------------------------

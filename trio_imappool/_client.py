@@ -39,13 +39,14 @@ from imapclient.response_types import BodyData
 from imapclient.tls import IMAP4_TLS
 from imapclient.util import to_ints
 
-from ._config import PoolConfig
+from ._config import PoolConfig, check_wire_text
 from ._errors import (
     LoginDisabled,
     StartTLSNotOffered,
     connection_survives,
     suggests_server_gone,
 )
+from ._login import LoginError, login_with_literals
 
 __all__ = ["PipelinedFetch", "PooledClient", "TrackingClient"]
 
@@ -479,14 +480,25 @@ def login_client(client: TrackingClient, config: PoolConfig, token: str | None) 
 
 
 def authenticate(client: IMAPClient, config: PoolConfig, token: str | None) -> None:
-    """Log in with the configured mechanism (see ``PoolConfig.auth_mechanism``)."""
+    """Log in with the configured mechanism (see ``PoolConfig.auth_mechanism``).
+
+    A user name or password with non-ASCII characters goes as UTF-8: with ``"auto"`` in
+    AUTHENTICATE PLAIN where the server offers it, else (and with ``"LOGIN"``) in LOGIN as a
+    literal (RFC 9051 allows 8-bit octets there). No error raised here names any character of
+    a secret: an encoding failure becomes a :class:`~imapclient.exceptions.LoginError` of its
+    own wording, raised outside the failing ``except`` block so that no chained exception
+    carries the original text either.
+    """
     mechanism = config.auth_mechanism
     if token is not None:
+        check_wire_text("the OAuth2 token", token)
         if mechanism == "OAUTHBEARER":
             client.oauthbearer_login(config.username, token)
         else:
             client.oauth2_login(config.username, token)
         return
+    user, password = config.username, config.password or ""
+    ascii_only = user.isascii() and password.isascii()
     if mechanism == "auto" and client.has_capability("LOGINDISABLED"):
         if not client.has_capability("AUTH=PLAIN"):
             raise LoginDisabled(
@@ -494,10 +506,20 @@ def authenticate(client: IMAPClient, config: PoolConfig, token: str | None) -> N
                 "PLAIN: it wants TLS (ssl=True or starttls=True)"
             )
         mechanism = "PLAIN"
-    if mechanism == "PLAIN":
-        client.plain_login(config.username, config.password)
-    else:
-        client.login(config.username, config.password)
+    elif mechanism == "auto" and not ascii_only and client.has_capability("AUTH=PLAIN"):
+        mechanism = "PLAIN"
+    unsendable = False
+    try:
+        if mechanism == "PLAIN":
+            client.plain_login(user, password)
+        elif ascii_only:
+            client.login(user, password)
+        else:
+            login_with_literals(client, user, password)
+    except UnicodeError:
+        unsendable = True
+    if unsendable:
+        raise LoginError("the user name or password could not be sent to the server")
 
 
 def has_buffered_data(imap: Any) -> bool:

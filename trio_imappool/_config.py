@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 from ._errors import ConfigurationError
 
-__all__ = ["PoolConfig", "TokenProvider"]
+__all__ = ["PoolConfig", "TokenProvider", "check_wire_text"]
 
 #: ``provider(refresh) -> token``, sync or async: see ``PoolConfig.oauth2_token``.
 TokenProvider: TypeAlias = Callable[[bool], str | Awaitable[str]]
@@ -169,6 +169,9 @@ def _check_credentials(options: dict[str, Any]) -> None:
         raise ConfigurationError("open_pool needs either password= or oauth2_token=")
     if password is not None and not isinstance(password, str):
         raise ConfigurationError("password must be a str")
+    check_wire_text("username", options["username"])
+    if password is not None:
+        check_wire_text("password", password)
     if token is not None and not callable(token):
         raise ConfigurationError("oauth2_token must be a callable returning an access token")
     mechanism = options.get("auth_mechanism", "auto")
@@ -178,6 +181,27 @@ def _check_credentials(options: dict[str, Any]) -> None:
     if mechanism != "auto" and oauth != (token is not None):
         need = "oauth2_token=" if oauth else "password="
         raise ConfigurationError(f"auth_mechanism={mechanism!r} needs {need}")
+
+
+_FORBIDDEN = ("\r", "\n", "\0")
+
+
+def check_wire_text(what: str, value: str) -> None:
+    """Refuse a string that would break the IMAP command it is put into.
+
+    CR and LF end a command line, so a user name, password, token or folder name holding one
+    would let the rest be read as a command of its own (imaplib sends the user name of LOGIN
+    unquoted and keeps CR/LF inside a quoted password); NUL is not allowed in IMAP text at
+    all. The message names *what* was refused and never any part of the value (it may be a
+    secret).
+
+    Raises:
+        ConfigurationError: *value* holds CR, LF or NUL.
+    """
+    if any(ch in value for ch in _FORBIDDEN):
+        raise ConfigurationError(
+            f"{what} contains a line break (CR or LF) or NUL, which IMAP cannot carry: refused"
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -14,6 +14,16 @@ dots: ``Archive/2024`` is ``.Archive.2024`` whatever the server's delimiter. In 
 characters, non-ASCII included, are kept (UTF-8). Mail readers that know Maildir++
 (Dovecot, mutt, neomutt, mbsync with ``SubFolders Maildir++``) read this layout.
 
+**Hostile names.** Folder names are data, never paths: :func:`local_folder_name` holds the
+rules (an over-long name is shortened with a hash; no result is empty, ``.``, ``..`` or more
+than one path component), and two server folders never share a directory (the second gets a
+``%~{hash}`` name, kept across runs through the state files). Nothing outside the destination
+is ever created, moved or deleted. A folder that cannot be exported (a name that cannot be
+asked for again, a garbled STATUS, a NO to its EXAMINE) is reported in
+:attr:`ExportResult.folders_failed` and the others are exported; a message the server lists
+but does not return is counted in :attr:`FolderReport.missing`, not recorded as exported, and
+asked for again by the next run.
+
 **Messages.** One file per message in the folder's ``cur/``, named
 ``{UIDVALIDITY}-{UID}.trio-imappool,S={size}:2,{flags}``, holding the message exactly as the
 server sent it (``BODY[]``, CRLF line endings, no conversion). The flags are Maildir's info
@@ -58,6 +68,8 @@ import dataclasses
 import errno
 import fcntl
 import fnmatch
+import hashlib
+import imaplib
 import itertools
 import json
 import os
@@ -72,8 +84,9 @@ import trio
 from imapclient import imap_utf7
 from imapclient.response_parser import parse_response
 
-from ._errors import PoolError
-from ._fanout import DEFAULT_BATCH_SIZE, fetch_many
+from ._config import check_wire_text
+from ._errors import PoolError, connection_survives
+from ._fanout import DEFAULT_BATCH_SIZE, FanOutError, fetch_many
 
 if TYPE_CHECKING:
     from imapclient import IMAPClient
@@ -82,16 +95,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOCK_NAME",
+    "MAX_LOCAL_NAME",
     "REPLACED_DIR",
     "STATE_NAME",
     "ExportError",
     "ExportProgress",
     "ExportResult",
+    "FolderFailure",
     "FolderNotFoundError",
     "FolderReport",
     "FolderState",
     "ServerFolder",
     "export_maildir",
+    "local_folder_name",
     "maildir_flags",
     "maildir_folder_path",
     "message_filename",
@@ -176,24 +192,87 @@ def parse_message_filename(name: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+#: The longest local folder name, in bytes of UTF-8 (file systems allow 255; the room left is
+#: for the ``.{uidvalidity}`` suffix of a folder moved to ``trio-imappool-replaced/``).
+MAX_LOCAL_NAME: Final = 200
+_HASH_CHARS: Final = 16  # hex digits of SHA-256 in a shortened or disambiguated name
+_MARK: Final = "%~"  # never made by the escaping: "%" is written "%25"
+
+
 def _escape_part(part: str) -> str:
-    return "".join(
-        f"%{ord(ch):02X}" if ch in "%./" or ord(ch) < 0x20 or ch == "\x7f" else ch for ch in part
-    )
+    if not part:
+        return "%"  # an empty part; never made otherwise ("%" alone is always "%25")
+    out = []
+    for ch in part:
+        code = ord(ch)
+        if ch in "%./" or code < 0x20 or code == 0x7F:
+            out.append(f"%{code:02X}")
+        elif 0xD800 <= code <= 0xDFFF:  # a lone surrogate cannot be written in UTF-8
+            out.append(f"%u{code:04X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _name_hash(folder: str, delimiter: str | None) -> str:
+    key = f"{delimiter or ''}\0{folder}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(key).hexdigest()[:_HASH_CHARS]
+
+
+def _with_hash(local: str, folder: str, delimiter: str | None) -> str:
+    """*local* cut to fit :data:`MAX_LOCAL_NAME` with the mark and the hash of the server name
+    appended; the cut never splits a character or a ``%XX`` escape."""
+    suffix = _MARK + _name_hash(folder, delimiter)
+    room = MAX_LOCAL_NAME - len(suffix)
+    cut = local.encode("utf-8")[:room].decode("utf-8", "ignore")
+    # Do not leave half an escape: "%", "%X" or "%uXXX" at the end.
+    tail = cut[-5:]
+    percent = tail.rfind("%")
+    if percent >= 0 and not re.fullmatch(r"%(?:[0-9A-F]{2}|u[0-9A-F]{4}|)", tail[percent:]):
+        cut = cut[: len(cut) - len(tail) + percent]
+    return cut + suffix
+
+
+def local_folder_name(folder: str, delimiter: str | None) -> str:
+    """The directory name of a server folder in the Maildir++ tree: the one mapping, one place.
+
+    The rules:
+
+    1. ``INBOX`` (in any case) is ``""``: the destination itself.
+    2. Any other folder is ``"."`` followed by its name split at the server's delimiter (not
+       split when there is none) and joined with ``"."``, each part escaped: ``%``, ``.``,
+       ``/``, control characters (U+0000-U+001F, U+007F) are written ``%XX`` (hex), a lone
+       surrogate ``%uXXXX``, an empty part ``%``. Everything else, non-ASCII included, is kept
+       (UTF-8). So ``Archive/2024`` (delimiter ``/``) is ``.Archive.2024`` and ``a.b`` is
+       ``.a%2Eb``.
+    3. A result longer than :data:`MAX_LOCAL_NAME` bytes (UTF-8) is cut (never inside a
+       character or an escape) and ends with ``%~`` and 16 hex digits of the SHA-256 of the
+       delimiter and the full name: stable, and distinct for distinct names.
+
+    So the result is one path component (no ``/``, no NUL), never empty for a folder other
+    than INBOX, never ``.`` or ``..``, never starting with ``..``, and it fits the file
+    system's name limit: whatever the server sends, the folder stays inside the destination.
+    Two folders that still map to one name (``a/b`` with delimiter ``/`` and ``a.b`` with
+    delimiter ``.``; ``INBOX`` and ``Inbox``) are told apart by :func:`_assign_paths`.
+    """
+    if folder.upper() == "INBOX":
+        return ""
+    parts = folder.split(delimiter) if delimiter else [folder]
+    local = "." + ".".join(_escape_part(part) for part in parts)
+    if len(local.encode("utf-8")) > MAX_LOCAL_NAME:
+        local = _with_hash(local, folder, delimiter)
+    return local
 
 
 def maildir_folder_path(root: str | os.PathLike[str], folder: str, delimiter: str | None) -> Path:
-    """Where a folder goes in the Maildir++ tree at *root*.
+    """Where a folder goes in the Maildir++ tree at *root*: ``root /`` :func:`local_folder_name`.
 
     ``INBOX`` (in any case) is *root* itself; ``Archive/2024`` with delimiter ``/`` is
-    ``root/.Archive.2024``; ``%``, ``.``, ``/`` and control characters in a name part are
-    written ``%XX``.
+    ``root/.Archive.2024``. Two server folders with the same result are told apart when an
+    export assigns the paths (see the module's documentation).
     """
-    base = Path(root)
-    if folder.upper() == "INBOX":
-        return base
-    parts = folder.split(delimiter) if delimiter else [folder]
-    return base / ("." + ".".join(_escape_part(part) for part in parts))
+    local = local_folder_name(folder, delimiter)
+    return Path(root) / local if local else Path(root)
 
 
 # -- the server side -----------------------------------------------------------------------------
@@ -210,77 +289,145 @@ class ServerFolder:
     messages: int
 
 
-def _decode_name(client: IMAPClient, raw: object) -> str:
-    if isinstance(raw, int):
-        return str(raw)
-    if isinstance(raw, bytes):
-        return str(imap_utf7.decode(raw)) if client.folder_encode else raw.decode("utf-8")
-    return str(raw)
+@dataclasses.dataclass(frozen=True, slots=True)
+class FolderFailure:
+    """A folder an export could not export, and why (the others were exported).
+
+    Attributes:
+        name: The folder's name as the server listed it (decoded where it could be; bytes that
+            are not UTF-8 are shown as ``\\xNN``).
+        reason: What went wrong, in a few words.
+    """
+
+    name: str
+    reason: str
+
+
+_STATUS_KEYS: Final = (b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY")
 
 
 def _status_items(items: Sequence[Any]) -> dict[bytes, int]:
-    return {
-        bytes(key).upper(): int(value) for key, value in zip(items[::2], items[1::2], strict=False)
-    }
+    """The numbers of a STATUS answer. Raises ValueError for a garbled or incomplete one."""
+    if not isinstance(items, list | tuple) or len(items) % 2:
+        raise ValueError("a garbled STATUS answer")
+    found: dict[bytes, int] = {}
+    for key, value in zip(items[::2], items[1::2], strict=True):
+        if isinstance(key, bytes) and isinstance(value, int) and not isinstance(value, bool):
+            found[key.upper()] = value
+    lacking = [k.decode() for k in _STATUS_KEYS if k not in found]
+    if lacking:
+        raise ValueError(f"the server's STATUS answer lacks {', '.join(lacking)} or garbles it")
+    if found[b"UIDVALIDITY"] < 1 or found[b"UIDNEXT"] < 1 or found[b"MESSAGES"] < 0:
+        raise ValueError("the server's STATUS answer has an impossible UIDVALIDITY or UIDNEXT")
+    return found
 
 
-def _list_status(client: IMAPClient) -> list[ServerFolder]:
+def _shown(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _decode_raw_name(raw: object) -> tuple[str | None, str, str | None]:
+    """``(name, shown, problem)`` for a name as LIST sent it: the name to use (None when it
+    cannot be used), how to show it, and why it cannot."""
+    if isinstance(raw, int):
+        raw = str(raw).encode()
+    if not isinstance(raw, bytes):
+        return None, repr(raw), "a name that is not a string"
+    if any(byte in raw for byte in b"\r\n\0"):
+        return None, _shown(raw), "the name holds a line break or NUL: it cannot be asked for"
+    try:
+        name = str(imap_utf7.decode(raw))
+        valid = imap_utf7.encode(name) == raw
+    except Exception:  # any failure of the decoder means "not valid"
+        name, valid = _shown(raw), False
+    if not valid:
+        # imapclient would send the name back encoded differently (e.g. "&AC8-" as "/"), and
+        # so ask for another folder: never that.
+        return None, _shown(raw), "the name is not valid modified UTF-7 (RFC 3501 5.1.3)"
+    return name, name, None
+
+
+def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFailure]]:
     """LIST and STATUS of every folder; one round trip where the server has LIST-STATUS (RFC
-    5819), else a STATUS per folder. Runs in a worker thread, on a checked-out connection."""
-    if client.has_capability("LIST-STATUS"):
-        # imapclient has no LIST-STATUS; imaplib's plumbing does it, as imapclient's own
-        # list_folders() does for LIST.
-        imap = client._imap
-        typ, data = imap._simple_command("LIST", '""', '"*"', "RETURN", f"(STATUS {_STATUS_ITEMS})")
-        client._checkok("list", typ, data)
-        _, lists = imap._untagged_response(typ, data, "LIST")
-        _, statuses = imap._untagged_response(typ, [None], "STATUS")
-        listed = client._proc_folder_list(lists)
-        found = parse_response([item for item in statuses if item is not None])
-        status = {
-            _decode_name(client, found[i]): _status_items(found[i + 1])
-            for i in range(0, len(found) - 1, 2)
-        }
-    else:
-        listed = client.list_folders()
-        status = {}
+    5819), else a STATUS per folder. Runs in a worker thread, on a checked-out connection.
+
+    A folder whose name or status cannot be used is a :class:`FolderFailure`, not an error of
+    the run; a NO or BAD for one folder's STATUS too. Errors that end the session are raised.
+    """
+    status: dict[bytes, Any] = {}
+    encode = client.folder_encode
+    client.folder_encode = False  # the names as the server sent them, to check them here
+    try:
+        if client.has_capability("LIST-STATUS"):
+            # imapclient has no LIST-STATUS; imaplib's plumbing does it, as imapclient's own
+            # list_folders() does for LIST.
+            imap = client._imap
+            typ, data = imap._simple_command(
+                "LIST", '""', '"*"', "RETURN", f"(STATUS {_STATUS_ITEMS})"
+            )
+            client._checkok("list", typ, data)
+            _, lists = imap._untagged_response(typ, data, "LIST")
+            _, statuses = imap._untagged_response(typ, [None], "STATUS")
+            listed = client._proc_folder_list(lists)
+            with contextlib.suppress(Exception):  # a garbled answer: STATUS per folder below
+                found = parse_response([item for item in statuses if item is not None])
+                for i in range(0, len(found) - 1, 2):
+                    key = found[i]
+                    status[str(key).encode() if isinstance(key, int) else bytes(key)] = found[i + 1]
+        else:
+            listed = client.list_folders()
+    finally:
+        client.folder_encode = encode
     folders: list[ServerFolder] = []
-    for flags, delimiter, name in listed:
-        lowered = {bytes(flag).lower() for flag in flags}
+    failures: list[FolderFailure] = []
+    seen: set[bytes] = set()
+    for flags, delimiter, raw in listed:
+        lowered = {bytes(flag).lower() for flag in flags if isinstance(flag, bytes)}
         if b"\\noselect" in lowered or b"\\nonexistent" in lowered:
             continue
-        items = status.get(name)
-        if items is None:
-            items = _status_items(
-                [
-                    part
-                    for pair in client.folder_status(
-                        name, ["MESSAGES", "UIDNEXT", "UIDVALIDITY"]
-                    ).items()
-                    for part in pair
-                ]
-            )
-        sep = delimiter.decode("utf-8") if isinstance(delimiter, bytes) else delimiter
+        key = raw if isinstance(raw, bytes) else str(raw).encode()
+        if key in seen:
+            continue  # listed twice: one folder
+        seen.add(key)
+        name, shown, problem = _decode_raw_name(raw)
+        if name is None:
+            failures.append(FolderFailure(shown, problem or "unusable name"))
+            continue
+        try:
+            items = status.get(key)
+            if items is None:
+                answer = client.folder_status(name, ["MESSAGES", "UIDNEXT", "UIDVALIDITY"])
+                items = [part for pair in answer.items() for part in pair]
+            numbers = _status_items(items)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error as exc:  # a NO or BAD for this folder (imapclient's errors)
+            failures.append(FolderFailure(name, f"STATUS failed: {_one_line(exc)}"))
+            continue
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            failures.append(FolderFailure(name, _one_line(exc)))
+            continue
+        sep = delimiter.decode("utf-8", "replace") if isinstance(delimiter, bytes) else delimiter
         folders.append(
             ServerFolder(
-                name=str(name),
+                name=name,
                 delimiter=sep or None,
-                uidvalidity=items[b"UIDVALIDITY"],
-                uidnext=items[b"UIDNEXT"],
-                messages=items[b"MESSAGES"],
+                uidvalidity=numbers[b"UIDVALIDITY"],
+                uidnext=numbers[b"UIDNEXT"],
+                messages=numbers[b"MESSAGES"],
             )
         )
-    return folders
+    return folders, failures
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _choose(
     folders: Sequence[ServerFolder], include: Sequence[str] | None, exclude: Sequence[str]
 ) -> list[ServerFolder]:
-    def matches(name: str, patterns: Iterable[str]) -> bool:
-        return any(
-            fnmatch.fnmatchcase(name, p) or (p.upper() == "INBOX" == name.upper()) for p in patterns
-        )
-
+    matches = _matches
     chosen = sorted(
         (
             f
@@ -410,6 +557,12 @@ class _Folder:
     fetched: int = 0
     bytes: int = 0
     unnamed_tmp: bool = True  # until the file system refuses O_TMPFILE
+    received: set[int] = dataclasses.field(default_factory=set)  # UIDs the fetch returned
+    asked: set[int] = dataclasses.field(default_factory=set)  # UIDs asked for by number
+    searched: bool = False  # asked for by search criteria (UIDs unknown here)
+    whole: bool = False  # asked for with "ALL" only (a first export of the folder)
+    missing: list[int] = dataclasses.field(default_factory=list)  # asked for, not returned
+    failure: str | None = None  # why the folder could not be exported
 
     @property
     def cur(self) -> Path:
@@ -420,12 +573,13 @@ class _Folder:
         return self.path / "tmp"
 
     def state(self) -> FolderState:
-        """The state after a complete run: every message below the UIDNEXT listed is here."""
+        """The state after the run: every message below the UIDNEXT listed is here, or below
+        the first message the server did not return (so that the next run asks again)."""
         return FolderState(
             folder=self.server.name,
             uidvalidity=self.server.uidvalidity,
             uids=frozenset(self.exported),
-            synced_below=self.server.uidnext,
+            synced_below=min(self.missing, default=self.server.uidnext),
         )
 
 
@@ -488,42 +642,108 @@ def _plan(folder: _Folder) -> None:
     folder.spec = criteria
 
 
-def _prepare(root: Path, servers: Sequence[ServerFolder], fsync: bool) -> list[_Folder]:
-    """Reconcile each folder's files and state with the server's status; plan the fetch.
-    Synchronous (runs in a worker thread)."""
-    folders: list[_Folder] = []
+def _assign_paths(
+    root: Path, servers: Sequence[ServerFolder]
+) -> tuple[list[tuple[ServerFolder, Path]], list[FolderFailure]]:
+    """Each folder's directory: :func:`local_folder_name`, unless another folder has it.
+
+    Two folders never share a directory. One that maps to a name another folder already owns
+    gets the same name with ``%~`` and the hash of its own server name appended (shortened to
+    fit, as an over-long name is). Who owns a contested name, in this order: the folder that
+    the directory's state file names (so names stay what they were in earlier runs), then, for
+    the destination itself, the folder named exactly ``INBOX``, then the first in sorted order
+    of (name, delimiter). Synchronous: reads the state files.
+    """
+    wanted: dict[str, list[ServerFolder]] = {}
     for server in servers:
-        path = maildir_folder_path(root, server.name, server.delimiter)
-        _make_maildir(path)
-        _clean_tmp(path)
-        state = read_folder_state(path)
-        files = _scan(path)
-        stale = {key: file for key, file in files.items() if key[0] != server.uidvalidity}
-        for (uidvalidity, _uid), file in sorted(stale.items()):
-            aside = _replaced_dir(root, path, uidvalidity)
-            _make_maildir(aside)
-            os.rename(file, aside / file.parent.name / file.name)
-        exported = {uid for (uidvalidity, uid) in files if uidvalidity == server.uidvalidity}
-        synced_below = 0
-        if (
-            state is not None
-            and state.uidvalidity == server.uidvalidity
-            and state.uids <= exported
-            and state.synced_below <= server.uidnext
-        ):
-            synced_below = state.synced_below
-        folder = _Folder(server, path, exported, synced_below, state, moved_aside=len(stale))
-        folder.uidvalidity_changed = bool(stale) or (
-            state is not None and state.uidvalidity != server.uidvalidity
-        )
-        _plan(folder)
-        folders.append(folder)
+        wanted.setdefault(local_folder_name(server.name, server.delimiter), []).append(server)
+    taken = set(wanted)
+    placed: list[tuple[ServerFolder, Path]] = []
+    failures: list[FolderFailure] = []
+    for local, claimants in wanted.items():
+        path = root / local if local else root
+        if len(claimants) > 1:
+            state = read_folder_state(path)
+            owner_name = state.folder if state is not None else None
+
+            def rank(f: ServerFolder, owner: str | None = owner_name) -> tuple[int, int, str, str]:
+                return (f.name != owner, f.name != "INBOX", f.name, f.delimiter or "")
+
+            claimants = sorted(claimants, key=rank)
+        placed.append((claimants[0], path))
+        for other in claimants[1:]:
+            base = local or "." + _escape_part(other.name)
+            alternative = _with_hash(base, other.name, other.delimiter)
+            if alternative in taken:  # a 64-bit hash collision: refuse rather than merge
+                failures.append(FolderFailure(other.name, "no distinct local name"))
+                continue
+            taken.add(alternative)
+            placed.append((other, root / alternative))
+    for server, path in placed:
+        # The rules make this impossible; checked all the same, before anything is created.
+        if path != root and (path.parent != root or path.name in ("", ".", "..")):
+            raise ExportError(f"refusing a local name outside {root} for {server.name!r}")
+    return placed, failures
+
+
+def _prepare(
+    root: Path, servers: Sequence[ServerFolder], fsync: bool
+) -> tuple[list[_Folder], list[FolderFailure]]:
+    """Reconcile each folder's files and state with the server's status; plan the fetch.
+    Synchronous (runs in a worker thread). A folder whose directory cannot be made or read is
+    a failure of its own; the destination's own (INBOX) raises."""
+    folders: list[_Folder] = []
+    placed, failures = _assign_paths(root, servers)
+    for server, path in placed:
+        try:
+            folders.append(_prepare_one(root, server, path))
+        except OSError as exc:
+            if path == root:
+                raise
+            failures.append(
+                FolderFailure(server.name, f"cannot use {path.name}: {exc.strerror or exc}")
+            )
     if fsync:
         for folder in folders:
             if folder.moved_aside:
                 _fsync_dir(folder.cur)
                 _fsync_dir(folder.path / "new")
-    return folders
+    folders.sort(key=lambda f: (f.path != root, f.server.name))
+    return folders, failures
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return a == b or a.upper() == b.upper() == "INBOX"
+
+
+def _prepare_one(root: Path, server: ServerFolder, path: Path) -> _Folder:
+    _make_maildir(path)
+    _clean_tmp(path)
+    state = read_folder_state(path)
+    files = _scan(path)
+    # Files of another server folder (the state names it): never counted as this one's.
+    foreign = state is not None and not _same_folder(state.folder, server.name)
+    stale = {k: f for k, f in files.items() if foreign or k[0] != server.uidvalidity}
+    for (uidvalidity, _uid), file in sorted(stale.items()):
+        aside = _replaced_dir(root, path, uidvalidity)
+        _make_maildir(aside)
+        os.rename(file, aside / file.parent.name / file.name)
+    exported = {uid for key in files if key not in stale for uid in key[1:]}
+    synced_below = 0
+    if (
+        state is not None
+        and not foreign
+        and state.uidvalidity == server.uidvalidity
+        and state.uids <= exported
+        and state.synced_below <= server.uidnext
+    ):
+        synced_below = state.synced_below
+    folder = _Folder(server, path, exported, synced_below, state, moved_aside=len(stale))
+    folder.uidvalidity_changed = bool(stale) or (
+        state is not None and not foreign and state.uidvalidity != server.uidvalidity
+    )
+    _plan(folder)
+    return folder
 
 
 @dataclasses.dataclass(slots=True)
@@ -647,6 +867,8 @@ class FolderReport:
         uidvalidity_changed: The UIDVALIDITY is not the one of the last export: the folder
             was exported again from scratch.
         moved_aside: Files of an older UIDVALIDITY moved to ``trio-imappool-replaced/``.
+        missing: Messages the server listed but did not return in this run (left out of the
+            FETCH answer, or ``BODY[] NIL``): not exported, asked for again by the next run.
     """
 
     name: str
@@ -658,6 +880,7 @@ class FolderReport:
     exported: int
     uidvalidity_changed: bool
     moved_aside: int
+    missing: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -674,6 +897,10 @@ class ExportResult:
                             fetched by search) or came without a body
     ``folders_fetched``      folders handed to the fetch (0 when nothing was new)
     ``elapsed``             seconds, listing to the last state file
+    ``folders_failed``      a :class:`FolderFailure` (name, reason) per folder that could
+                            not be exported; the others were
+    ``messages_missing``    messages the server listed but did not return (see
+                            :attr:`FolderReport.missing`)
     ======================  ============================================================
     """
 
@@ -683,6 +910,13 @@ class ExportResult:
     messages_skipped: int
     folders_fetched: int
     elapsed: float
+    folders_failed: tuple[FolderFailure, ...] = ()
+    messages_missing: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Every folder was exported and every message the server listed is in the Maildir."""
+        return not self.folders_failed and not self.messages_missing
 
     @property
     def messages_per_second(self) -> float:
@@ -732,7 +966,7 @@ async def _warm_up(pool: Pool) -> None:
             pass
 
 
-async def _server_folders(pool: Pool) -> list[ServerFolder]:
+async def _server_folders(pool: Pool) -> tuple[list[ServerFolder], list[FolderFailure]]:
     async with pool.connection() as conn:
         return await conn.run_sync(_list_status)
 
@@ -751,14 +985,27 @@ class _Run:
         self.progress_fn = progress
         self.skipped = 0
         self.error: BaseException | None = None
+        self.retry = False
         self.limiter = trio.CapacityLimiter(_WRITERS)
         self.folders_done = 0
-        self.totals = (
-            sum(1 for f in folders if f.spec is not None),
-            sum(f.expected for f in folders),
-        )
+        self.folders_handed = 0
+        self.totals = (0, 0)
         self.messages = 0
         self.bytes = 0
+
+    def plan(self) -> list[_Folder]:
+        """The folders with something to fetch in the next round (their ``spec``)."""
+        chosen = [f for f in self.by_name.values() if f.spec is not None and f.failure is None]
+        for folder in chosen:
+            if isinstance(folder.spec, list) and all(isinstance(u, int) for u in folder.spec):
+                folder.asked.update(folder.spec)
+            else:
+                folder.whole = folder.spec == "ALL" and (folder.whole or not folder.searched)
+                folder.searched = True
+        self.totals = (len(chosen), sum(f.expected for f in chosen))
+        self.folders_handed = max(self.folders_handed, len(chosen))
+        self.folders_done = 0
+        return chosen
 
     def report(self, folders_done: int | None = None) -> None:
         if folders_done is not None:
@@ -804,12 +1051,13 @@ class _Run:
     async def fetch(
         self,
         pool: Pool,
+        chosen: Sequence[_Folder],
         batch_size: int,
         max_connections: int | None,
         send: trio.MemorySendChannel[_Pending],
         scope: trio.CancelScope,
     ) -> None:
-        specs = {f.server.name: f.spec for f in self.by_name.values() if f.spec is not None}
+        specs = {f.server.name: f.spec for f in chosen if f.spec is not None}
         try:
             async with (
                 send,
@@ -824,7 +1072,11 @@ class _Run:
                 async for name, uid, data in results:
                     folder = self.by_name[name]
                     body = data.get(b"BODY[]")
-                    if uid in folder.exported or not isinstance(body, bytes):
+                    if not isinstance(body, bytes):  # BODY[] NIL, or no BODY[] at all
+                        self.skipped += 1
+                        continue
+                    folder.received.add(uid)
+                    if uid in folder.exported:
                         self.skipped += 1
                         continue
                     item = _Pending(folder, uid, body, maildir_flags(data.get(b"FLAGS", ())))
@@ -836,8 +1088,70 @@ class _Run:
                     if done != self.folders_done:
                         self.report(done)
                 self.report(results.progress.folders_done)
+        except FanOutError as exc:
+            # A NO or BAD for one folder (deleted meanwhile, or a server that will not
+            # EXAMINE it): that folder fails, the others go on in another round.
+            failed = self.by_name.get(exc.folder)
+            cause = exc.__cause__
+            if failed is not None and cause is not None and connection_survives(cause):
+                failed.failure = f"{exc.operation} failed: {_one_line(cause)}"
+                self.retry = True
+            else:
+                self.fail(exc, scope)
         except Exception as exc:
             self.fail(exc, scope)
+
+
+async def _verify(pool: Pool, run: _Run, max_connections: int | None) -> None:
+    """Find the messages that were asked for and exist but did not come: a UID SEARCH per
+    folder where the fetch left something unanswered. Sets each folder's ``missing``."""
+    checks: list[tuple[_Folder, list[Any], set[int] | None]] = []
+    for folder in run.by_name.values():
+        if folder.failure is not None:
+            continue
+        server = folder.server
+        if folder.searched:
+            listed = sum(1 for uid in folder.received if uid < server.uidnext)
+            if folder.whole and listed >= server.messages:
+                continue  # a first export that received every message the status counted
+            low = max(folder.synced_below, 1)
+            if low < server.uidnext:
+                checks.append((folder, ["UID", f"{low}:{server.uidnext - 1}"], None))
+            continue
+        unanswered = folder.asked - folder.received - folder.exported
+        if unanswered:
+            ranges = _uid_ranges(sorted(unanswered))
+            if len(ranges) > _MAX_CRITERIA_CHARS:
+                low, high = min(unanswered), max(unanswered)
+                checks.append((folder, ["UID", f"{low}:{high}"], unanswered))
+            else:
+                checks.append((folder, ["UID", ranges], unanswered))
+    if not checks:
+        return
+    limiter = trio.CapacityLimiter(max_connections or pool.config.max_size)
+    fatal: list[BaseException] = []
+
+    async def check(folder: _Folder, criteria: list[Any], among: set[int] | None) -> None:
+        try:
+            async with limiter, pool.connection(folder.server.name, readonly=True) as conn:
+                found = await conn.run_sync(lambda c: c.search(criteria))
+        except Exception as exc:
+            if connection_survives(exc):
+                folder.failure = f"SEARCH failed: {_one_line(exc)}"
+            else:
+                fatal.append(exc)
+                nursery.cancel_scope.cancel()
+            return
+        exist = {int(uid) for uid in found if int(uid) < folder.server.uidnext}
+        if among is not None:
+            exist &= among
+        folder.missing = sorted(exist - folder.exported)
+
+    async with trio.open_nursery() as nursery:
+        for folder, criteria, among in checks:
+            nursery.start_soon(check, folder, criteria, among)
+    if fatal:
+        raise fatal[0]
 
 
 async def export_maildir(
@@ -861,9 +1175,16 @@ async def export_maildir(
     export (no state file in *destination* yet) the other connections are opened while the
     folders are listed, instead of when the fetching starts.
 
+    A folder that cannot be exported (a name that cannot be asked for, a garbled STATUS, a
+    directory that cannot be made, a NO to its EXAMINE) does not stop the others: it is in
+    :attr:`ExportResult.folders_failed` with the reason. A message the server lists but does
+    not return (left out of the FETCH answer, or ``BODY[] NIL``) is not recorded as exported:
+    it is counted in :attr:`FolderReport.missing`, and the next run asks for it again.
+
     Args:
         pool: The pool of the account to export.
-        destination: The Maildir++ root; created if missing.
+        destination: The Maildir++ root; created if missing. Nothing outside it is ever
+            created, moved or deleted, whatever the server's folder names.
         folders: Folder names or shell-style patterns (``"Archive/*"``) to export; None for
             every selectable folder. A name without wildcards that matches nothing is an error.
         exclude: Names or patterns of folders to leave out.
@@ -875,15 +1196,18 @@ async def export_maildir(
             :class:`ExportProgress` after every batch of files written.
 
     Returns:
-        An :class:`ExportResult`.
+        An :class:`ExportResult`; :attr:`ExportResult.complete` is False when a folder failed
+        or a message was missing.
 
     Raises:
+        ConfigurationError: A folder name or pattern holds CR, LF or NUL.
         ExportError: The destination cannot be used or written, or is locked by another
             export.
         FolderNotFoundError: A folder asked for by name is not on the server (an
             :class:`ExportError`; raised before anything is written).
-        FanOutError: A FETCH failed (the original, imapclient's or the pool's, is
-            ``__cause__``). Every message written before stays, and the next run goes on.
+        FanOutError: A FETCH failed in a way that ends the session (the original,
+            imapclient's or the pool's, is ``__cause__``). Every message written before
+            stays, and the next run goes on.
         ConnectError, PoolTimeout: As from :meth:`Pool.connection` for the listing.
 
     Errors come out as they were raised, never wrapped in an exception group.
@@ -893,6 +1217,8 @@ async def export_maildir(
     state; every file in ``cur/`` is a whole message, and the next run fetches the rest.
     """
     await trio.lowlevel.checkpoint()
+    for pattern in [*(folders or ()), *exclude]:
+        check_wire_text("a folder name or pattern", pattern)
     root = Path(destination)
     started = time.monotonic()
     with _locked(root):
@@ -908,7 +1234,7 @@ async def export_maildir(
             for _ in range(warm_ups):
                 warming.start_soon(_warm_up, pool)
             try:
-                prepared, run = await _export(
+                prepared, run, failures = await _export(
                     pool, root, folders, exclude, batch_size, max_connections, fsync, progress
                 )
             except BaseException as exc:
@@ -918,8 +1244,10 @@ async def export_maildir(
                 warming.cancel_scope.cancel()
         if body_error is not None:
             raise body_error
+        done = [f for f in prepared if f.failure is None]
+        failures += [FolderFailure(f.server.name, f.failure) for f in prepared if f.failure]
         try:
-            await trio.to_thread.run_sync(_save_states, prepared, fsync)
+            await trio.to_thread.run_sync(_save_states, done, fsync)
         except OSError as exc:
             raise ExportError(f"cannot save the state in {root}: {exc}") from exc
     return ExportResult(
@@ -934,14 +1262,23 @@ async def export_maildir(
                 exported=len(f.exported),
                 uidvalidity_changed=f.uidvalidity_changed,
                 moved_aside=f.moved_aside,
+                missing=len(f.missing),
             )
-            for f in prepared
+            for f in done
         ),
         messages_fetched=run.messages,
         bytes_fetched=run.bytes,
         messages_skipped=run.skipped,
-        folders_fetched=run.totals[0],
+        folders_fetched=run.folders_handed,
         elapsed=time.monotonic() - started,
+        folders_failed=tuple(sorted(failures, key=lambda f: f.name)),
+        messages_missing=sum(len(f.missing) for f in done),
+    )
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(
+        fnmatch.fnmatchcase(name, p) or (p.upper() == "INBOX" == name.upper()) for p in patterns
     )
 
 
@@ -954,16 +1291,27 @@ async def _export(
     max_connections: int | None,
     fsync: bool,
     progress: Callable[[ExportProgress], object] | None,
-) -> tuple[list[_Folder], _Run]:
-    """List, reconcile, fetch and write; the state is left to the caller."""
-    listed = await _server_folders(pool)
+) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
+    """List, reconcile, fetch and write, then look for what did not come; the state is left
+    to the caller."""
+    listed, failures = await _server_folders(pool)
     chosen = _choose(listed, folders, exclude)
+    failures = [
+        f
+        for f in failures
+        if (folders is None or _matches(f.name, folders)) and not _matches(f.name, exclude)
+    ]
     try:
-        prepared = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)
+        prepared, more = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)
     except OSError as exc:
         raise ExportError(f"cannot prepare the Maildir {root}: {exc}") from exc
+    failures += more
     run = _Run(prepared, fsync, progress)
-    if run.totals[0]:
+    for _round in range(len(prepared) + 1):  # each further round follows a failed folder
+        batch = run.plan()
+        if not batch:
+            break
+        run.retry = False
         run.report()
         send, receive = trio.open_memory_channel[_Pending](_WRITE_BATCH)
         async with trio.open_nursery() as nursery:
@@ -971,11 +1319,18 @@ async def _export(
                 nursery.start_soon(run.writer, receive.clone(), nursery.cancel_scope)
             receive.close()
             nursery.start_soon(
-                run.fetch, pool, batch_size, max_connections, send, nursery.cancel_scope
+                run.fetch, pool, batch, batch_size, max_connections, send, nursery.cancel_scope
             )
         if run.error is not None:
             raise run.error
-    return prepared, run
+        if not run.retry:
+            break
+        for folder in prepared:  # the folders that did not fail: what is still to fetch
+            folder.spec, folder.expected = None, 0
+            if folder.failure is None:
+                _plan(folder)
+    await _verify(pool, run, max_connections)
+    return prepared, run, failures
 
 
 def _save_states(folders: Sequence[_Folder], fsync: bool) -> None:

@@ -29,7 +29,11 @@ or :func:`start_proxy_thread` for blocking code.
 With pytest, the ``dovecot`` (session) and ``dovecot_factory`` fixtures of
 :mod:`trio_imappool.testing.pytest_plugin` are loaded automatically.
 
-Everything here is synchronous and bounded in time. Importing this package is cheap: `trustme`
+For behaviour no real server here shows (hostile folder names, FETCH answers that leave a
+message out, odd logins), :func:`open_scripted_server` and :func:`start_scripted_server_thread`
+run a scripted IMAP server on 127.0.0.1: an in-memory account and a handler per command.
+
+Everything else here is synchronous and bounded in time. Importing this package is cheap: `trustme`
 and `imapclient` are imported when first needed.
 """
 
@@ -49,9 +53,22 @@ from ._proxy import (
     open_fault_proxy,
     start_proxy_thread,
 )
+from ._scripted import (
+    DEFAULT_CAPABILITIES,
+    ScriptedAccount,
+    ScriptedCommand,
+    ScriptedFolder,
+    ScriptedMessage,
+    ScriptedServer,
+    ScriptedServerThread,
+    ScriptedSession,
+    open_scripted_server,
+    start_scripted_server_thread,
+)
 from ._seed import make_message, message_date, seed_folders
 
 __all__ = [
+    "DEFAULT_CAPABILITIES",
     "DEFAULT_USERS",
     "DovecotFactory",
     "DovecotNotFoundError",
@@ -60,11 +77,20 @@ __all__ = [
     "FaultProxy",
     "ProxyStatistics",
     "ProxyThread",
+    "ScriptedAccount",
+    "ScriptedCommand",
+    "ScriptedFolder",
+    "ScriptedMessage",
+    "ScriptedServer",
+    "ScriptedServerThread",
+    "ScriptedSession",
     "find_dovecot",
     "make_message",
     "message_date",
     "open_fault_proxy",
+    "open_scripted_server",
     "seed_folders",
     "start_dovecot",
     "start_proxy_thread",
+    "start_scripted_server_thread",
 ]

@@ -49,6 +49,7 @@ from ._proxy import (
     open_fault_proxy,
     start_proxy_thread,
 )
+from ._redis import RedisNotFoundError, RedisServer, find_redis, start_redis
 from ._seed import make_message, message_date, seed_folders
 
 __all__ = [
@@ -60,11 +61,15 @@ __all__ = [
     "FaultProxy",
     "ProxyStatistics",
     "ProxyThread",
+    "RedisNotFoundError",
+    "RedisServer",
     "find_dovecot",
+    "find_redis",
     "make_message",
     "message_date",
     "open_fault_proxy",
     "seed_folders",
     "start_dovecot",
     "start_proxy_thread",
+    "start_redis",
 ]

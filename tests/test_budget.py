@@ -453,3 +453,44 @@ def test_waiters_in_different_processes_are_served_in_arrival_order(
     waits = [r["granted"] - r["arrival"] for r in by_arrival]
     print(f"longest wait {max(waits):.3f} s; longest lag behind the ideal {max(late):.3f} s")
     assert max(late) < 0.05 * len(results)
+
+
+async def test_a_pool_group_has_one_budget_per_account(
+    redis_server: RedisServer, server: DovecotServer
+) -> None:
+    from trio_imappool import open_pool_group
+
+    server.add_user("carol", "carol-pw")
+    settings = server.pool_kwargs(tls=False)
+    passwords = {"alice": "alice-pw", "carol": "carol-pw"}
+
+    def credentials(account: str) -> dict[str, Any]:
+        return {"password": passwords[account]}
+
+    with trio.fail_after(20), budget_for(redis_server, limit=2, key=None) as budget:
+        async with open_pool_group(
+            credentials,
+            host=settings["host"],
+            port=settings["port"],
+            ssl=False,
+            per_account_max=4,
+            budget=budget,
+        ) as group:
+            peak = {"alice": 0, "carol": 0}
+            now = {"alice": 0, "carol": 0}
+
+            async def use(account: str) -> None:
+                async with group.connection(account, timeout=5) as conn:
+                    now[account] += 1
+                    peak[account] = max(peak[account], now[account])
+                    await conn.noop()
+                    await trio.sleep(0.05)
+                    now[account] -= 1
+
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(use, "alice" if i % 2 else "carol")
+            assert peak == {"alice": 2, "carol": 2}  # each account's own 2 places
+            for account in passwords:
+                key = f"trio-imappool:budget:{settings['host']}:{settings['port']}:{account}"
+                assert (await budget.counts(key=key))[0] == 2

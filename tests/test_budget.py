@@ -494,3 +494,8 @@ async def test_a_pool_group_has_one_budget_per_account(
             for account in passwords:
                 key = f"trio-imappool:budget:{settings['host']}:{settings['port']}:{account}"
                 assert (await budget.counts(key=key))[0] == 2
+
+
+def test_importing_the_package_does_not_import_redis() -> None:
+    code = "import sys, trio_imappool, trio_imappool.testing; sys.exit('redis' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

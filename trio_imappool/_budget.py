@@ -324,7 +324,11 @@ class RedisBudget:
 
     def __repr__(self) -> str:
         key = self.key if self.key is not None else "(per account)"
-        return f"<RedisBudget {self.url} key={key} limit={self.limit} lease={self.lease:g}s>"
+        return (
+            f"<RedisBudget {self.url} key={key} limit={self.limit} lease={self.lease:g}s "
+            f"acquires={self._acquires} releases={self._releases} lost={self._lost} "
+            f"unavailable={self._unavailable}>"
+        )
 
     def statistics(self) -> BudgetStatistics:
         """This object's counters (see :class:`BudgetStatistics`)."""

@@ -10,6 +10,7 @@ are ``tests/_budget_worker.py``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -183,6 +184,33 @@ def test_invalid_settings_are_refused() -> None:
         RedisBudget("redis://127.0.0.1:1/0", limit=1, lease=1, timeout=1)
 
 
+async def test_a_place_waits_for_the_server_to_close_its_end() -> None:
+    """After the client's close, the watch on the socket returns only once the server has
+    closed its end (here 0.3 s later), which is when Dovecot stops counting the session."""
+    import socket
+
+    from trio_imappool._budget import _wait_server_closed
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+        watch = socket.socket(fileno=os.dup(client.fileno()))
+        client.shutdown(socket.SHUT_RDWR)  # as imaplib's shutdown() does
+        client.close()
+        with trio.fail_after(3), watch, server_side:
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+
+                async def close_later() -> None:
+                    await trio.sleep(0.3)
+                    server_side.close()
+
+                nursery.start_soon(close_later)
+                await _wait_server_closed(watch)
+                elapsed = trio.current_time() - start
+            assert 0.3 <= elapsed < 0.5
+
+
 # -- one pool --------------------------------------------------------------------------------------
 
 
@@ -238,6 +266,43 @@ async def test_a_lost_lease_closes_the_idle_surplus(
             assert server.connections() <= 3
             async with pool.connection(timeout=1) as conn:
                 await conn.noop()
+            await assert_settled(pool)
+
+
+async def test_a_busy_pool_hands_places_over_to_waiters_elsewhere(
+    redis_server: RedisServer, server: DovecotServer
+) -> None:
+    """A pool whose tasks keep both places busy still lets another process (here a second
+    budget object with the same key) have a place within a second: it retires a connection
+    every 0.1 s while others wait, and the queue gives the places out in arrival order."""
+    settings = server.pool_kwargs(tls=False)
+    with (
+        trio.fail_after(20),
+        budget_for(redis_server, limit=2) as here,
+        budget_for(redis_server, limit=2) as elsewhere,
+    ):
+        async with open_pool(**settings, max_size=8, budget=here) as pool:
+            stop = trio.Event()
+
+            async def busy() -> None:
+                while not stop.is_set():
+                    async with pool.connection(timeout=10) as conn:
+                        await conn.noop()
+                        await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(6):
+                    nursery.start_soon(busy)
+                await pool.counts.wait_value(lambda c: c.size == 2)
+                await trio.sleep(0.3)
+                start = trio.current_time()
+                with trio.fail_after(3):
+                    assert await elsewhere.acquire("other")
+                waited = trio.current_time() - start
+                print(f"a place came from the busy pool after {waited:.2f} s")
+                assert server.connections() <= 2
+                await elsewhere.release("other")
+                stop.set()
             await assert_settled(pool)
 
 

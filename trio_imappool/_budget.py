@@ -26,6 +26,22 @@ notifications would need a server setting and a subscriber connection per proces
 pop on a per-key list wakes one waiter, not the one first in line; the poll costs one small
 script per waiter every 25 ms, which Redis serves in microseconds.
 
+**Sharing.** Every 0.1 s while others wait for a place, a pool closes an idle connection for
+them, or retires its oldest one when it is next released, so a busy process does not keep every
+place while processes elsewhere starve; the queue hands the freed places out in arrival order.
+
+**Redis restarted empty.** Redis cannot tell a key it lost from one never used. A mark that
+never expires tells: while it is missing, the scripts set it with a *fence* time
+(``restart_fence`` seconds ahead) and hand out no place before it, so that pools holding
+connections register them again first (they look every 0.1 s and renew at once when they find
+the mark missing or fenced). Without the fence, a waiter takes a place in the empty Redis while
+the connections of the lost leases still exist, and the server refuses its login.
+
+**Giving back.** A place goes back only once the server has closed its end of the connection
+(the socket's TCP state, read through a second descriptor kept past the client's close): Dovecot
+counts a session until then, and a place given back at the client's close lets a login elsewhere
+be refused. It happens in the pool's background, never on a checkout's path.
+
 **The client.** The synchronous redis-py client, called in worker threads of the budget's own
 :class:`trio.CapacityLimiter`. It is imported only when a :class:`RedisBudget` is made: install
 the ``redis`` extra (``pip install trio-imappool[redis]``).

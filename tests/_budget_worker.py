@@ -12,8 +12,8 @@ prints one JSON line per event the test waits for (``{"event": "ready"}``, ...) 
 ``fair``
     Budget only (no pool): prints ``ready``, reads a wall-clock start time from stdin, and at
     ``start + offset`` for each offset in ``arrivals`` a waiter joins the queue for a place;
-    once it has one it holds it ``hold`` seconds and gives it back. Prints, per waiter, its
-    arrival and grant times.
+    once it has one it holds it ``hold`` seconds and gives it back. Prints, per waiter, the
+    times before and after its first ask (its ticket is drawn in between) and its grant time.
 """
 
 from __future__ import annotations
@@ -124,12 +124,16 @@ async def fair(settings: dict[str, Any], budget: RedisBudget) -> None:
     async def waiter(at: float) -> None:
         await trio.sleep(max(0.0, at - time.time()))
         place = budget.new_place()
-        arrived = time.time()
-        await budget.acquire(place, key=key)
+        # The ticket is drawn while the first ask runs: between these two times.
+        before = time.time()
+        held = await budget.try_acquire(place, key=key)
+        after = time.time()
+        if not held:
+            await budget.acquire(place, key=key)  # the same place keeps its turn
         granted = time.time()
         await trio.sleep(settings["hold"])
         await budget.release(place, key=key)
-        results.append({"arrival": arrived, "granted": granted})
+        results.append({"before": before, "after": after, "granted": granted})
 
     await budget.counts(key=key)  # connected, scripts loaded
     emit(event="ready")

@@ -28,3 +28,17 @@ if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ]; then
         exit 1
     fi
 fi
+
+# The connection budget's tests need Redis (Debian's redis-server); they start their own on a
+# free port, never a system service (on Debian the package may start one on 6379: not used).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "--- installing Redis (redis-server) with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "Redis is needed and missing. Install it, then run this again:" >&2
+        echo "    sudo apt-get install redis-server" >&2
+        exit 1
+    fi
+fi

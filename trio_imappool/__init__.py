@@ -19,10 +19,12 @@
     trio.run(main)
 """
 
+from ._budget import BudgetStatistics, RedisBudget
 from ._config import PoolConfig, TokenProvider
 from ._connection import COMMANDS, Connection
 from ._errors import (
     AuthenticationError,
+    BudgetUnavailableError,
     ConfigurationError,
     ConnectError,
     ConnectionLimitError,
@@ -63,6 +65,8 @@ __version__ = "0.1.0"
 __all__ = [
     "COMMANDS",
     "AuthenticationError",
+    "BudgetStatistics",
+    "BudgetUnavailableError",
     "ConfigurationError",
     "ConnectError",
     "Connection",
@@ -89,6 +93,7 @@ __all__ = [
     "PoolStatistics",
     "PoolTimeout",
     "Progress",
+    "RedisBudget",
     "ReleasedConnectionError",
     "TLSError",
     "TokenProvider",

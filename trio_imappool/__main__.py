@@ -60,6 +60,7 @@ from typing import Any, NoReturn, TextIO
 import trio
 from imapclient.exceptions import IMAPClientError
 
+from . import _accounts
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
@@ -136,6 +137,11 @@ _KEYS = {
         _Key("maildir", str),
         _Key("folders", list, env=False),
         _Key("exclude", list, env=False),
+        # The shared budget and the multi-account export (see _accounts).
+        _Key("budget", str),
+        _Key("budget_limit", int),
+        _Key("budget_lease", int),
+        _Key("accounts", str),
     )
 }
 
@@ -471,6 +477,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("maildir", nargs="?", metavar="MAILDIR", help="the destination")
+    _accounts.add_arguments(export)  # --budget, --budget-limit, --accounts
 
     demo = commands.add_parser(
         "demo",
@@ -691,8 +698,11 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     maildir = args.maildir or settings.get("maildir")
     if not maildir:
         raise UsageError("no destination: give MAILDIR (or maildir in the config file)")
+    if settings.get("accounts"):  # many accounts, shared with other workers
+        return _accounts.run_accounts(args, settings, out)
     root = Path(os.path.expanduser(maildir))
     options = settings.pool_options()
+    options.update(_accounts.budget_options(settings, options))  # {"budget": ...}
     result, stats = trio.run(_export, options, root, settings, args.progress)
     _print_result(result, stats, root, args.verbose, out)
     return _report_incomplete(result, sys.stderr)

@@ -21,6 +21,7 @@ from imapclient import exceptions as imap_exc
 
 __all__ = [
     "AuthenticationError",
+    "BudgetUnavailableError",
     "ConfigurationError",
     "ConnectError",
     "ConnectionLimitError",
@@ -91,6 +92,13 @@ class ConnectionLimitError(ConnectError):
     (``[LIMIT]``, ``[UNAVAILABLE]``, "Too many simultaneous connections")."""
 
 
+class BudgetUnavailableError(ConnectError):
+    """The Redis of a connection budget (:class:`~trio_imappool.RedisBudget`) is unreachable,
+    so no place could be taken for a new connection. Connections that exist keep working; the
+    pool tries again (with backoff) and recovers by itself when Redis is back. The message
+    names Redis by host, port and database, never with its password."""
+
+
 # -- reading imapclient's exceptions ---------------------------------------------------------
 
 _LIMIT_MARKERS = (
@@ -154,6 +162,8 @@ def suggests_server_gone(exc: BaseException) -> bool:
 
 def classify_open_error(exc: BaseException) -> type[ConnectError]:
     """Which :class:`ConnectError` subclass describes a failure to open a connection."""
+    if isinstance(exc, BudgetUnavailableError):
+        return BudgetUnavailableError
     if isinstance(exc, ssl.SSLError | StartTLSNotOffered):
         return TLSError
     if isinstance(exc, imap_exc.LoginError):

@@ -769,6 +769,8 @@ async def open_pool_group(
             closed (``math.inf``: never).
         **pool_options: Further :func:`~trio_imappool.open_pool` options for every account
             (``ssl``, ``acquire_timeout``, ``reset_on_release``, ...); the credentials win.
+            ``budget=RedisBudget(url, limit=N)`` (without a ``key``) shares each account's
+            connections with other processes and hosts: at most N per account across all.
 
     Raises:
         ConfigurationError: An argument is invalid (raised before anything is opened).
@@ -859,7 +861,9 @@ def _check_group_options(
     for key, instead in _OWNED.items():
         if key in pool_options:
             raise ConfigurationError(f"open_pool_group sets {key} itself: use {instead}=")
-    known = {field.name for field in dataclasses.fields(PoolConfig)}
+    # ``budget`` (a RedisBudget) goes to every account's pool; with its key left
+    # None each account gets a budget of its own in Redis, ``limit`` places per account.
+    known = {field.name for field in dataclasses.fields(PoolConfig)} | {"budget"}
     unknown = sorted(set(pool_options) - known)
     if unknown:
         raise ConfigurationError(f"unknown option(s) for open_pool_group: {', '.join(unknown)}")

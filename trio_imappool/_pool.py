@@ -21,6 +21,7 @@ from trio_util import AsyncValue
 
 from . import _fanout
 from . import _idle as _watching
+from ._budget import PoolPlaces, RedisBudget
 from ._client import PooledClient, TrackingClient
 from ._config import PoolConfig
 from ._connection import Connection
@@ -139,10 +140,14 @@ class Pool:
         *,
         thread_limiter: trio.CapacityLimiter | None = None,
         connection_limiter: trio.CapacityLimiter | None = None,
+        budget: RedisBudget | None = None,
     ) -> None:
         self.config: Final = config
         # Shared with other pools (a pool group): a global cap on connections.
         self._connection_limiter = connection_limiter
+        # Shared with other processes and hosts through Redis: a place per connection,
+        # taken in _open before connecting, given back in _forget; renewed in the nursery.
+        self._budget = None if budget is None else PoolPlaces(budget, self, nursery)
         self._nursery = nursery
         self._size_limiter = trio.CapacityLimiter(config.max_size)
         self._thread_limiter = thread_limiter or trio.CapacityLimiter(config.max_size)
@@ -544,6 +549,8 @@ class Pool:
     def _forget(self, slot: PooledClient) -> None:
         """Close *slot* and give its place in the size limiter (and any global one) back."""
         self._move(slot, "closed")  # raises for a second close, before anything is released
+        if self._budget is not None:  # before close(), to see the server close its end
+            self._budget.give_back(slot)
         slot.close()
         if slot.thread_running:
             self._orphans.append(slot)
@@ -732,6 +739,10 @@ class Pool:
                 if self._demand() < 0:
                     return  # nobody needs it any more
                 try:
+                    # Wait for a place in the budget (False: nobody needs it any more;
+                    # a place taken is given back by _forget in the finally below).
+                    if self._budget is not None and not await self._budget.acquire(pending):
+                        return
                     await self._connect(pending, probe)
                 except _ProbeFailed:
                     return  # the probe reports; this one never tried to log in
@@ -924,6 +935,8 @@ class Pool:
 
     async def _logout(self, slot: PooledClient) -> None:
         """LOGOUT (bounded by ``logout_timeout``), then close. Never raises but Cancelled."""
+        if self._budget is not None:  # keep watching the socket that LOGOUT closes
+            self._budget.watch(slot)
         try:
             await self._housekeeping(slot, TrackingClient.logout, self.config.logout_timeout)
         finally:
@@ -1025,7 +1038,8 @@ async def open_pool(
             ``logout_timeout``, ``reset_on_release``, ``name``; and ``thread_limiter``, a
             :class:`trio.CapacityLimiter` for the worker threads (default: one of the pool's own
             with ``max_size`` tokens); and ``connection_limiter``, a :class:`trio.CapacityLimiter`
-            shared with other pools as a global cap on their connections.
+            shared with other pools as a global cap on their connections; and ``budget``, a
+            :class:`~trio_imappool.RedisBudget` shared with other processes and hosts.
 
     Raises:
         ConfigurationError: An argument is invalid (raised before anything is opened).
@@ -1040,6 +1054,9 @@ async def open_pool(
     """
     thread_limiter = options.pop("thread_limiter", None)
     connection_limiter = options.pop("connection_limiter", None)
+    budget = options.pop("budget", None)
+    if budget is not None and not isinstance(budget, RedisBudget):
+        raise ConfigurationError("budget must be a trio_imappool.RedisBudget")
     for key, value in (
         ("thread_limiter", thread_limiter),
         ("connection_limiter", connection_limiter),
@@ -1055,6 +1072,7 @@ async def open_pool(
                 nursery,
                 thread_limiter=thread_limiter,
                 connection_limiter=connection_limiter,
+                budget=budget,
             )
             pool._want_connections()
             nursery.start_soon(pool._maintain_forever)

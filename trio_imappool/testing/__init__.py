@@ -53,6 +53,7 @@ from ._proxy import (
     open_fault_proxy,
     start_proxy_thread,
 )
+from ._redis import RedisNotFoundError, RedisServer, find_redis, start_redis
 from ._scripted import (
     DEFAULT_CAPABILITIES,
     ScriptedAccount,
@@ -77,6 +78,8 @@ __all__ = [
     "FaultProxy",
     "ProxyStatistics",
     "ProxyThread",
+    "RedisNotFoundError",
+    "RedisServer",
     "ScriptedAccount",
     "ScriptedCommand",
     "ScriptedFolder",
@@ -85,6 +88,7 @@ __all__ = [
     "ScriptedServerThread",
     "ScriptedSession",
     "find_dovecot",
+    "find_redis",
     "make_message",
     "message_date",
     "open_fault_proxy",
@@ -92,5 +96,6 @@ __all__ = [
     "seed_folders",
     "start_dovecot",
     "start_proxy_thread",
+    "start_redis",
     "start_scripted_server_thread",
 ]

@@ -16,8 +16,12 @@ nothing until a test asks for one of its fixtures:
     :func:`~trio_imappool.testing.start_dovecot` and returning a started server; every server it
     started is stopped and removed when the test ends.
 
-If Dovecot is not installed, both fixtures fail the test with the install hint. They never skip:
-a CI run without Dovecot must go red, not quietly green.
+``redis_server`` (function scope)
+    A private, empty :class:`~trio_imappool.testing.RedisServer` (Debian's ``redis-server``)
+    for the test; ``stop()`` and ``start()`` it to make Redis unreachable and then empty.
+
+If Dovecot (or Redis) is not installed, the fixtures fail the test with the install hint. They
+never skip: a CI run without Dovecot must go red, not quietly green.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import pytest
 
 if TYPE_CHECKING:
     from ._dovecot import DovecotFactory, DovecotServer
+    from ._redis import RedisServer
 
-__all__ = ["dovecot", "dovecot_factory"]
+__all__ = ["dovecot", "dovecot_factory", "redis_server"]
 
 
 def _start(stack: contextlib.ExitStack, **kwargs: Any) -> DovecotServer:
@@ -59,3 +64,19 @@ def dovecot_factory() -> Iterator[DovecotFactory]:
             return _start(stack, **kwargs)
 
         yield factory
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private, empty Redis (:func:`~trio_imappool.testing.start_redis`) for the test.
+
+    Fails the test (never skips) if ``redis-server`` is not installed.
+    """
+    from ._redis import RedisNotFoundError, start_redis
+
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(start_redis())
+        except RedisNotFoundError as exc:
+            pytest.fail(f"these tests need a real Redis: {exc}", pytrace=False)
+        yield server

@@ -19,6 +19,14 @@
     trio.run(main)
 """
 
+import os as _os
+
+if _os.name != "posix":  # pragma: no cover - tested only where it holds
+    raise ImportError(
+        "trio-imappool runs on POSIX systems only (Linux, macOS, the BSDs): it uses fcntl, "
+        "termios and poll(), which Windows lacks; on Windows, run it under WSL"
+    )
+
 from ._config import PoolConfig, TokenProvider
 from ._connection import COMMANDS, Connection
 from ._errors import (
@@ -55,8 +63,7 @@ from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_g
 from ._idle import IdleEvent, IdleEvents, IdleStatistics
 from ._pool import Pool, open_pool
 from ._stats import PoolCounts, PoolStatistics
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "COMMANDS",

@@ -27,7 +27,15 @@ if _os.name != "posix":  # pragma: no cover - tested only where it holds
         "termios and poll(), which Windows lacks; on Windows, run it under WSL"
     )
 
-from ._config import PoolConfig, TokenProvider
+from ._commands import IMAPCommands
+from ._config import (
+    AccountOptions,
+    AuthMechanism,
+    ConfigOptions,
+    PoolConfig,
+    PoolOptions,
+    TokenProvider,
+)
 from ._connection import COMMANDS, Connection
 from ._errors import (
     AuthenticationError,
@@ -62,7 +70,7 @@ from ._fanout import (
 from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
 from ._idle import IdleEvent, IdleEvents, IdleStatistics
 from ._pool import Pool, open_pool
-from ._stats import PoolCounts, PoolStatistics
+from ._stats import AsyncCounts, PoolCounts, PoolStatistics
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -105,4 +113,13 @@ __all__ = [
     "open_pool_group",
     "remove_flags_many",
     "search_many",
+]
+# Types for type checkers and the reference.
+__all__ += [
+    "AccountOptions",
+    "AsyncCounts",
+    "AuthMechanism",
+    "ConfigOptions",
+    "IMAPCommands",
+    "PoolOptions",
 ]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple, Protocol
 
-__all__ = ["PoolCounts", "PoolStatistics"]
+__all__ = ["AsyncCounts", "PoolCounts", "PoolStatistics"]
 
 
 class PoolCounts(NamedTuple):
@@ -93,3 +94,57 @@ class PoolStatistics:
             f"size={self.size}/{self.max_size} idle={self.idle} in_use={self.in_use} "
             f"opening={self.opening} waiting={self.waiting}"
         )
+
+
+class AsyncCounts(Protocol):
+    """The type of :attr:`Pool.counts <trio_imappool.Pool.counts>`: a
+    :class:`trio_util.AsyncValue` of :class:`PoolCounts` (trio-util has no type information, so
+    this declares the part of it that is for users).
+
+    ::
+
+        await pool.counts.wait_value(lambda c: c.idle > 0)  # an idle connection exists
+        async for counts in pool.counts.eventual_values():  # each change, as it happens
+            print(counts.in_use, counts.waiting)
+    """
+
+    #: The current counts (set by the pool only).
+    value: PoolCounts
+
+    async def wait_value(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts], bool],
+        *,
+        held_for: float = 0.0,
+    ) -> PoolCounts:
+        """Wait until the counts are equal to a value or satisfy a predicate; return them.
+
+        **Cancellation**: a checkpoint; cancelling only stops the wait.
+        """
+        ...
+
+    async def wait_transition(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts, PoolCounts], bool] = ...,
+    ) -> tuple[PoolCounts, PoolCounts]:
+        """Wait for the next change (that matches); return ``(new, old)``.
+
+        **Cancellation**: a checkpoint; cancelling only stops the wait.
+        """
+        ...
+
+    def eventual_values(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts], bool] = ...,
+        held_for: float = 0.0,
+    ) -> AsyncIterator[PoolCounts]:
+        """Iterate over the counts that match, the current one first if it does (values that
+        change faster than the loop body runs are skipped)."""
+        ...
+
+    def transitions(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts, PoolCounts], bool] = ...,
+    ) -> AsyncIterator[tuple[PoolCounts, PoolCounts]]:
+        """Iterate over the changes (that match), as ``(new, old)``."""
+        ...

@@ -8,5 +8,8 @@ echo "--- ruff"
 .venv/bin/ruff format --check .
 echo "--- mypy (strict)"
 .venv/bin/mypy
+echo "--- release checks"
+bash scripts/check_package.sh
+bash scripts/check_oldest.sh
 echo "--- pytest"
 exec .venv/bin/pytest "$@"

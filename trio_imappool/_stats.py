@@ -32,37 +32,37 @@ class PoolCounts(NamedTuple):
 class PoolStatistics:
     """A snapshot of the pool, returned by :meth:`~trio_imappool.Pool.statistics`.
 
-    ========================  ===============================================================
-    field                     meaning
-    ========================  ===============================================================
-    ``name``                  the pool's name (``user@host:port`` unless given)
-    ``min_size``              connections kept open
-    ``max_size``              upper bound on ``size``
-    ``size``                  connections that exist or are being opened
-    ``idle``                  open connections ready to be handed out
-    ``in_use``                connections checked out by tasks
-    ``opening``               connections being opened
-    ``waiting``               tasks waiting for a connection
-    ``closed``                whether the pool is closed
-    ``acquires``              checkouts that got a connection
-    ``acquire_waits``         of those and the failed ones, checkouts that had to wait
-    ``acquire_timeouts``      checkouts that ended in :class:`~trio_imappool.PoolTimeout`
-    ``connections_opened``    connections opened successfully
-    ``connections_discarded`` connections dropped because they broke (errors, interruptions)
-    ``connections_closed``    connections closed by the pool while healthy (pool closing,
-                              ``max_idle``, ``max_lifetime``)
-    ``open_failures``         failed attempts to open a connection
-    ``last_open_error``       the text of the last failed open, or None after a success
-    ``effective_max_size``    ``max_size``, or less after the server refused logins for too
-                              many connections (raised again one by one every 30 s)
-    ``noop_checks``           NOOPs sent at checkout to connections idle for long
-    ``keepalives``            NOOPs sent to idle connections by the ``keepalive`` option
-    ``selects``               SELECTs sent by ``pool.connection(folder)``
-    ``selects_saved``         ``pool.connection(folder)`` checkouts that found the folder
-                              selected already: round trips saved
-    ``queued``                openers waiting for a place under a cap shared with other pools
-                              (a pool group); not counted in ``size`` or ``opening``
-    ========================  ===============================================================
+    =========================  ===============================================================
+    field                      meaning
+    =========================  ===============================================================
+    ``name``                   the pool's name (``user@host:port`` unless given)
+    ``min_size``               connections kept open
+    ``max_size``               upper bound on ``size``
+    ``size``                   connections that exist or are being opened
+    ``idle``                   open connections ready to be handed out
+    ``in_use``                 connections checked out by tasks
+    ``opening``                connections being opened
+    ``waiting``                tasks waiting for a connection
+    ``closed``                 whether the pool is closed
+    ``acquires``               checkouts that got a connection
+    ``acquire_waits``          of those and the failed ones, checkouts that had to wait
+    ``acquire_timeouts``       checkouts that ended in :class:`~trio_imappool.PoolTimeout`
+    ``connections_opened``     connections opened successfully
+    ``connections_discarded``  connections dropped because they broke (errors, interruptions)
+    ``connections_closed``     connections closed by the pool while healthy (pool closing,
+                               ``max_idle``, ``max_lifetime``)
+    ``open_failures``          failed attempts to open a connection
+    ``last_open_error``        the text of the last failed open, or None after a success
+    ``effective_max_size``     ``max_size``, or less after the server refused logins for too
+                               many connections (raised again one by one every 30 s)
+    ``noop_checks``            NOOPs sent at checkout to connections idle for long
+    ``keepalives``             NOOPs sent to idle connections by the ``keepalive`` option
+    ``selects``                SELECTs sent by ``pool.connection(folder)``
+    ``selects_saved``          ``pool.connection(folder)`` checkouts that found the folder
+                               selected already: round trips saved
+    ``queued``                 openers waiting for a place under a cap shared with other pools
+                               (a pool group); not counted in ``size`` or ``opening``
+    =========================  ===============================================================
     """
 
     name: str

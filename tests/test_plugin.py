@@ -169,3 +169,20 @@ def test_the_fixtures_name_the_testing_extra_when_trustme_is_missing(
     with contextlib.ExitStack() as stack, pytest.raises(pytest.fail.Exception) as failed:
         _trio_imappool_pytest_plugin._start(stack)
     assert "pip install 'trio-imappool[testing]'" in str(failed.value)
+
+
+def test_the_demo_names_the_missing_imap_server(tmp_path: Path) -> None:
+    dovecot, _doveadm = _fake_dovecot_without_imap(tmp_path)
+    env = _clean_env()
+    env["PATH"] = f"{dovecot.parent}{os.pathsep}{env.get('PATH', '')}"  # found first
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_imappool", "demo", "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr  # not 1, "a bug"
+    assert "apt-get install dovecot-imapd" in result.stderr
+    assert "Traceback" not in result.stderr

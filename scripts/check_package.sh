@@ -80,6 +80,31 @@ with contextlib.ExitStack() as stack:
 print("the pytest plugin is light and names the testing extra")
 PY
 
+echo "--- package: a trivial test suite with and without the plugin (wall time, for the record;"
+echo "    tests/test_plugin.py is the gate: the plugin's run imports nothing more)"
+mkdir "$work/suite"
+printf '[pytest]\n' >"$work/suite/pytest.ini"
+printf 'def test_trivial():\n    assert True\n' >"$work/suite/test_trivial.py"
+(cd "$work/suite" && "$work/venv/bin/python" - <<'PY'
+import subprocess
+import sys
+import time
+
+def run(*extra):
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+with_plugin, without = [], []
+for _ in range(5):
+    with_plugin.append(run())
+    without.append(run("-p", "no:trio_imappool"))
+print(f"fastest of 5: {min(with_plugin) * 1000:.0f} ms with the plugin, "
+      f"{min(without) * 1000:.0f} ms without ({(min(with_plugin) - min(without)) * 1000:+.0f} ms)")
+PY
+)
+
 echo "--- package: trio-imappool demo from the wheel (demo extra)"
 pip_install "$wheel[demo]"
 "$work/venv/bin/trio-imappool" demo --no-progress --folders 2 --messages 20 >"$work/demo.log" 2>&1 || {

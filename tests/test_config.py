@@ -59,6 +59,6 @@ def test_missing_credentials_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="either password= or oauth2_token="):
         PoolConfig.build("h", username="u", password="p", oauth2_token=lambda refresh: "t")
     with pytest.raises(ConfigurationError, match="username="):
-        PoolConfig.build("h", password="p")
+        PoolConfig.build("h", password="p")  # type: ignore[call-arg]
     with pytest.raises(ConfigurationError, match="host"):
         PoolConfig.build("", username="u", password="p")

@@ -53,6 +53,32 @@ EXPECTED_OUTPUT: dict[str, list[str]] = {
         "proxy closed | <TrioRunner closed calls=0 background_tasks=0 contexts=0 errors=0>",
         "server running: False",
     ],
+    "04-fetch-many.ipynb": [
+        "300 messages in 4 folders",
+        "300/300 [",  # the progress bar's last state
+        "progress: 300/300 messages, 450000 bytes, 8/8 batches, 4/4 folders",
+        "fetched 300 messages, 450000 bytes",
+        "{'Archive': 80, 'INBOX': 120, 'Lists/trio': 60, 'Sent': 40}",
+        "max_size=4 in_use=0",
+        "pool closed: True | server running: False",
+    ],
+    "05-idle.ipynb": [
+        "push: EXISTS  number=8",
+        "push: FETCH   number=8 data={b'FLAGS': (b'\\\\Flagged'",
+        "INBOX now holds 8 messages",
+        "in_use=0 discarded=0",
+        "pool closed: True | server running: False",
+    ],
+    "06-export.ipynb": [
+        "INBOX         -> Mail: 50 on the server, 50 fetched, 50 exported",
+        "Archive/2025  -> Mail/.Archive.2025: 20 on the server, 20 fetched, 20 exported",
+        "100 messages fetched, 0 already there",
+        "last progress report: 100/100 messages, 3/3 folders",
+        "cur                   50 files, e.g. ",
+        "INBOX         -> Mail: 52 on the server, 2 fetched, 52 exported",
+        "2 messages fetched, 0 already there",
+        "pool closed: True | server running: False",
+    ],
 }
 
 # Notebooks that draw a plot, and how many.

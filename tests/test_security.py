@@ -4,10 +4,11 @@ with a trustme test CA."""
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import ssl
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trio
@@ -28,6 +29,11 @@ from trio_imappool.testing._dovecot import DovecotFactory
 from .conftest import assert_settled
 
 OAUTH_CONFIG = "auth_mechanisms = plain login xoauth2 oauthbearer\n"
+
+
+def _same(token: str, refresh: bool) -> str:
+    """A token provider that always returns *token* (bound with functools.partial)."""
+    return token
 
 
 def _logins(server: DovecotServer, user: str) -> list[str]:
@@ -212,7 +218,7 @@ def test_auto_uses_authenticate_plain_where_login_is_disabled() -> None:
 
 @pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
 async def test_oauth2_logs_in_with_the_providers_token(
-    dovecot_factory: DovecotFactory, mechanism: str
+    dovecot_factory: DovecotFactory, mechanism: Literal["XOAUTH2", "OAUTHBEARER"]
 ) -> None:
     # Dovecot checks an XOAUTH2/OAUTHBEARER token like a password: the user's "password" in
     # its passwd-file is the valid access token.
@@ -303,7 +309,7 @@ async def test_secrets_never_appear_in_logs_reprs_errors_or_statistics(
         for secret in (token, "wrong-" + token):
             settings = server.pool_kwargs("tom")
             del settings["password"]
-            async with open_pool(**settings, oauth2_token=lambda refresh, s=secret: s) as pool:
+            async with open_pool(**settings, oauth2_token=functools.partial(_same, secret)) as pool:
                 try:
                     await pool.run_sync(IMAPClient.noop)
                 except AuthenticationError as exc:

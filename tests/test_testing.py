@@ -23,6 +23,7 @@ import trustme
 from imapclient.exceptions import IMAPClientAbortError, LoginError
 from imapclient.imapclient import SocketTimeout
 
+import _trio_imappool_pytest_plugin
 from trio_imappool.testing import (
     DovecotFactory,
     DovecotNotFoundError,
@@ -30,7 +31,6 @@ from trio_imappool.testing import (
     DovecotStartError,
     make_message,
     message_date,
-    pytest_plugin,
     seed_folders,
     start_dovecot,
 )
@@ -399,7 +399,7 @@ def test_seed_folders_refuses_user_with_settings(dovecot: DovecotServer) -> None
 
 def test_the_fixtures_fail_instead_of_skipping_without_dovecot(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack, pytest.raises(pytest.fail.Exception) as failed:
-        pytest_plugin._start(stack, dovecot_binary=tmp_path / "missing-dovecot")
+        _trio_imappool_pytest_plugin._start(stack, dovecot_binary=tmp_path / "missing-dovecot")
     assert "apt-get install dovecot-imapd" in str(failed.value)
 
 

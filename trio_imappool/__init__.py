@@ -19,8 +19,25 @@
     trio.run(main)
 """
 
+import os as _os
+
+if _os.name != "posix":  # pragma: no cover - tested only where it holds
+    raise ImportError(
+        "trio-imappool runs on POSIX systems only (Linux, macOS, the BSDs): it uses fcntl, "
+        "termios and poll(), which Windows lacks; on Windows, run it under WSL"
+    )
+
 from ._budget import BudgetStatistics, RedisBudget
-from ._config import PoolConfig, TokenProvider
+from ._commands import IMAPCommands
+from ._config import (
+    AccountOptions,
+    AuthMechanism,
+    ConfigOptions,
+    GroupOptions,
+    PoolConfig,
+    PoolOptions,
+    TokenProvider,
+)
 from ._connection import COMMANDS, Connection
 from ._errors import (
     AuthenticationError,
@@ -58,9 +75,8 @@ from ._fanout import (
 from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
 from ._idle import IdleEvent, IdleEvents, IdleStatistics
 from ._pool import Pool, open_pool
-from ._stats import PoolCounts, PoolStatistics
-
-__version__ = "0.1.0"
+from ._stats import AsyncCounts, PoolCounts, PoolStatistics
+from ._version import __version__ as __version__
 
 __all__ = [
     "COMMANDS",
@@ -107,4 +123,14 @@ __all__ = [
     "open_pool_group",
     "remove_flags_many",
     "search_many",
+]
+# Types for type checkers and the reference.
+__all__ += [
+    "AccountOptions",
+    "AsyncCounts",
+    "AuthMechanism",
+    "ConfigOptions",
+    "GroupOptions",
+    "IMAPCommands",
+    "PoolOptions",
 ]

@@ -7,14 +7,97 @@ import ipaddress
 import math
 import ssl as ssl_lib
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Required, TypeAlias, TypedDict, Unpack
 
 from ._errors import ConfigurationError
 
-__all__ = ["PoolConfig", "TokenProvider", "check_wire_text"]
+if TYPE_CHECKING:
+    import trio
+
+    from ._budget import RedisBudget
+
+__all__ = [
+    "AccountOptions",
+    "AuthMechanism",
+    "ConfigOptions",
+    "GroupOptions",
+    "PoolConfig",
+    "PoolOptions",
+    "TokenProvider",
+    "check_wire_text",
+]
 
 #: ``provider(refresh) -> token``, sync or async: see ``PoolConfig.oauth2_token``.
 TokenProvider: TypeAlias = Callable[[bool], str | Awaitable[str]]
+
+#: The values of ``auth_mechanism``.
+AuthMechanism: TypeAlias = Literal["auto", "LOGIN", "PLAIN", "XOAUTH2", "OAUTHBEARER"]
+
+
+class AccountOptions(TypedDict, total=False):
+    """The options of one account's pool that a pool group passes on (see
+    :func:`~trio_imappool.open_pool_group`): every field of :class:`PoolConfig` but ``host``,
+    ``port``, ``username`` and ``max_size``. All optional; see :class:`PoolConfig` for each.
+
+    A type checker holds the keyword arguments of :func:`~trio_imappool.open_pool`,
+    :func:`~trio_imappool.open_pool_group` and :meth:`PoolConfig.build` to these names and
+    types; at run time the same checks raise :class:`~trio_imappool.ConfigurationError`.
+    """
+
+    password: str | None
+    oauth2_token: TokenProvider | None
+    auth_mechanism: AuthMechanism
+    ssl: bool
+    starttls: bool
+    ssl_context: ssl_lib.SSLContext | None
+    ca_file: str | None
+    insecure_skip_tls_verify: bool
+    insecure_plaintext: bool
+    min_size: int
+    acquire_timeout: float
+    connect_timeout: float
+    login_timeout: float
+    read_timeout: float
+    logout_timeout: float
+    reset_on_release: bool
+    noop_check_after: float
+    max_idle: float
+    max_lifetime: float
+    keepalive: float | None
+    name: str | None
+
+
+class ConfigOptions(AccountOptions, total=False):
+    """The keyword arguments of :meth:`PoolConfig.build`: :class:`AccountOptions`, plus
+    ``username`` (required) and ``max_size``."""
+
+    username: Required[str]
+    max_size: int
+
+
+class PoolOptions(ConfigOptions, total=False):
+    """The keyword arguments of :func:`~trio_imappool.open_pool`: :class:`ConfigOptions`, plus
+    the limiters shared between pools."""
+
+    #: A :class:`trio.CapacityLimiter` for the worker threads (default: the pool's own, with
+    #: ``max_size`` tokens).
+    thread_limiter: trio.CapacityLimiter | None
+    #: A :class:`trio.CapacityLimiter` shared with other pools as a global cap on their
+    #: connections.
+    connection_limiter: trio.CapacityLimiter | None
+    #: A :class:`~trio_imappool.RedisBudget`: the account's connections shared with other
+    #: processes and hosts.
+    budget: RedisBudget | None
+
+
+class GroupOptions(AccountOptions, total=False):
+    """The keyword arguments of :func:`~trio_imappool.open_pool_group` passed on to every
+    account's pool: :class:`AccountOptions`, plus a budget shared by every process."""
+
+    #: A :class:`~trio_imappool.RedisBudget` (without a ``key``): one budget per account, in
+    #: Redis, with its ``limit`` as the cap of each account across all processes.
+    budget: RedisBudget | None
+
 
 DEFAULT_MAX_SIZE = 10
 """Dovecot's default per-user-and-IP limit; Gmail allows about 15, Yahoo reportedly 5."""
@@ -76,7 +159,7 @@ class PoolConfig:
     username: str
     password: str | None = dataclasses.field(default=None, repr=False)
     oauth2_token: TokenProvider | None = dataclasses.field(default=None, repr=False)
-    auth_mechanism: str = "auto"
+    auth_mechanism: AuthMechanism = "auto"
     ssl: bool = True
     starttls: bool = False
     ssl_context: ssl_lib.SSLContext | None = None
@@ -98,12 +181,22 @@ class PoolConfig:
     name: str = ""
 
     @classmethod
-    def build(cls, host: str, port: int | None = None, **options: Any) -> PoolConfig:
+    def build(
+        cls, host: str, port: int | None = None, **settings: Unpack[ConfigOptions]
+    ) -> PoolConfig:
         """Validate the arguments of :func:`open_pool` and fill in the defaults.
 
+        Args:
+            host: The server's host name or address.
+            port: The server's port; 993 with implicit TLS (the default), else 143.
+            **settings: The other fields (:class:`ConfigOptions`): ``username`` and
+                ``password`` or ``oauth2_token`` are required.
+
         Raises:
-            ConfigurationError: An argument is missing, of the wrong type or out of range.
+            ConfigurationError: An argument is missing, unknown, of the wrong type or out of
+                range (also when a type checker would have said so).
         """
+        options: dict[str, Any] = dict(settings)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
 
 import trio
@@ -13,6 +13,7 @@ from ._client import PooledClient
 from ._errors import ReleasedConnectionError
 
 if TYPE_CHECKING:
+    from ._commands import IMAPCommands
     from ._pool import Pool
 
 __all__ = ["COMMANDS", "Connection"]
@@ -25,7 +26,7 @@ def _call_method(client: IMAPClient, name: str, args: tuple[Any, ...], kwargs: A
     return getattr(client, name)(*args, **kwargs)
 
 
-def _make_command(name: str) -> Callable[..., Awaitable[Any]]:
+def _make_command(name: str) -> Any:  # typed by the declarations in Connection
     method = getattr(IMAPClient, name)
 
     async def command(self: Connection, *args: Any, **kwargs: Any) -> Any:
@@ -161,6 +162,66 @@ class Connection:
 
     async def _command(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await self.run_sync(_call_method, name, args, kwargs)
+
+    if TYPE_CHECKING:
+        # The commands' types, for type checkers only (imapclient has none): declared in
+        # _commands.py; the assignments below make the commands at run time.
+        add_flags = IMAPCommands.add_flags
+        add_gmail_labels = IMAPCommands.add_gmail_labels
+        append = IMAPCommands.append
+        capabilities = IMAPCommands.capabilities
+        close_folder = IMAPCommands.close_folder
+        copy = IMAPCommands.copy
+        create_folder = IMAPCommands.create_folder
+        delete_folder = IMAPCommands.delete_folder
+        delete_messages = IMAPCommands.delete_messages
+        enable = IMAPCommands.enable
+        expunge = IMAPCommands.expunge
+        fetch = IMAPCommands.fetch
+        find_special_folder = IMAPCommands.find_special_folder
+        folder_exists = IMAPCommands.folder_exists
+        folder_status = IMAPCommands.folder_status
+        get_flags = IMAPCommands.get_flags
+        get_gmail_labels = IMAPCommands.get_gmail_labels
+        get_quota = IMAPCommands.get_quota
+        get_quota_root = IMAPCommands.get_quota_root
+        getacl = IMAPCommands.getacl
+        gmail_search = IMAPCommands.gmail_search
+        has_capability = IMAPCommands.has_capability
+        id_ = IMAPCommands.id_
+        idle = IMAPCommands.idle
+        idle_check = IMAPCommands.idle_check
+        idle_done = IMAPCommands.idle_done
+        list_folders = IMAPCommands.list_folders
+        list_sub_folders = IMAPCommands.list_sub_folders
+        login = IMAPCommands.login
+        logout = IMAPCommands.logout
+        move = IMAPCommands.move
+        multiappend = IMAPCommands.multiappend
+        namespace = IMAPCommands.namespace
+        noop = IMAPCommands.noop
+        oauth2_login = IMAPCommands.oauth2_login
+        oauthbearer_login = IMAPCommands.oauthbearer_login
+        plain_login = IMAPCommands.plain_login
+        remove_flags = IMAPCommands.remove_flags
+        remove_gmail_labels = IMAPCommands.remove_gmail_labels
+        rename_folder = IMAPCommands.rename_folder
+        sasl_login = IMAPCommands.sasl_login
+        search = IMAPCommands.search
+        select_folder = IMAPCommands.select_folder
+        set_flags = IMAPCommands.set_flags
+        set_gmail_labels = IMAPCommands.set_gmail_labels
+        set_quota = IMAPCommands.set_quota
+        setacl = IMAPCommands.setacl
+        shutdown = IMAPCommands.shutdown
+        sort = IMAPCommands.sort
+        starttls = IMAPCommands.starttls
+        subscribe_folder = IMAPCommands.subscribe_folder
+        thread = IMAPCommands.thread
+        uid_expunge = IMAPCommands.uid_expunge
+        unselect_folder = IMAPCommands.unselect_folder
+        unsubscribe_folder = IMAPCommands.unsubscribe_folder
+        xlist_folders = IMAPCommands.xlist_folders
 
     # -- the commands, in imapclient's order of names --
 

@@ -27,12 +27,12 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, TypeAlias, TypeVar, TypeVarTuple
+from typing import Any, Final, TypeAlias, TypeVar, TypeVarTuple, Unpack
 
 import trio
 from imapclient import IMAPClient
 
-from ._config import PoolConfig
+from ._config import GroupOptions, PoolConfig
 from ._connection import Connection
 from ._errors import (
     AuthenticationError,
@@ -731,7 +731,7 @@ async def open_pool_group(
     max_connections: int = 50,
     max_threads: int | None = None,
     account_idle_timeout: float = 300.0,
-    **pool_options: Any,
+    **pool_options: Unpack[GroupOptions],
 ) -> AsyncIterator[PoolGroup]:
     """Open a group of pools, one per account, for the duration of a block.
 
@@ -768,7 +768,8 @@ async def open_pool_group(
         account_idle_timeout: Seconds without a checkout after which an account's pool is
             closed (``math.inf``: never).
         **pool_options: Further :func:`~trio_imappool.open_pool` options for every account
-            (``ssl``, ``acquire_timeout``, ``reset_on_release``, ...); the credentials win.
+            (``ssl``, ``acquire_timeout``, ``reset_on_release``, ...; typed as
+            :class:`~trio_imappool.GroupOptions`); the credentials win.
             ``budget=RedisBudget(url, limit=N)`` (without a ``key``) shares each account's
             connections with other processes and hosts: at most N per account across all.
 

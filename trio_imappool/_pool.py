@@ -12,7 +12,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Final, TypeVar, TypeVarTuple
+from typing import Final, TypeVar, TypeVarTuple, Unpack, cast
 
 import trio
 from imapclient import IMAPClient
@@ -23,7 +23,7 @@ from . import _fanout
 from . import _idle as _watching
 from ._budget import PoolPlaces, RedisBudget
 from ._client import PooledClient, TrackingClient
-from ._config import PoolConfig
+from ._config import ConfigOptions, PoolConfig, PoolOptions
 from ._connection import Connection
 from ._errors import (
     AuthenticationError,
@@ -36,7 +36,7 @@ from ._errors import (
     is_permanent_open_error,
     suggests_server_gone,
 )
-from ._stats import PoolCounts, PoolStatistics
+from ._stats import AsyncCounts, PoolCounts, PoolStatistics
 from ._util import holds_only
 
 __all__ = ["Pool", "open_pool"]
@@ -180,7 +180,7 @@ class Pool:
         self._open_failures = 0
         #: The live counts, updated on every change: ``await pool.counts.wait_value(lambda c:
         #: c.idle > 0)`` waits for an idle connection without polling.
-        self.counts: Final = AsyncValue(PoolCounts(0, 0, 0, 0, 0))
+        self.counts: Final[AsyncCounts] = AsyncValue(PoolCounts(0, 0, 0, 0, 0))
         if config.insecure_skip_tls_verify and (config.ssl or config.starttls):
             logger.warning(
                 "%s: TLS certificates are NOT verified (insecure_skip_tls_verify=True): "
@@ -1013,7 +1013,7 @@ class _Checkout:
 async def open_pool(
     host: str,
     port: int | None = None,
-    **options: Any,
+    **options: Unpack[PoolOptions],
 ) -> AsyncIterator[Pool]:
     """Open a pool of IMAP connections to one account, for the duration of a block.
 
@@ -1032,17 +1032,19 @@ async def open_pool(
     Args:
         host: The server's host name or address.
         port: The server's port; 993 with implicit TLS (the default), else 143.
-        **options: The fields of :class:`PoolConfig`: ``username`` and ``password``
-            (required), ``ssl``, ``starttls``, ``ssl_context``, ``min_size``, ``max_size``,
-            ``acquire_timeout``, ``connect_timeout``, ``login_timeout``, ``read_timeout``,
-            ``logout_timeout``, ``reset_on_release``, ``name``; and ``thread_limiter``, a
+        **options: The fields of :class:`PoolConfig` (typed as :class:`PoolOptions`):
+            ``username`` and ``password`` or ``oauth2_token`` (required), ``ssl``,
+            ``starttls``, ``ssl_context``, ``min_size``, ``max_size``, ``acquire_timeout``,
+            ``connect_timeout``, ``login_timeout``, ``read_timeout``, ``logout_timeout``,
+            ``reset_on_release``, ``name``, ...; and ``thread_limiter``, a
             :class:`trio.CapacityLimiter` for the worker threads (default: one of the pool's own
             with ``max_size`` tokens); and ``connection_limiter``, a :class:`trio.CapacityLimiter`
             shared with other pools as a global cap on their connections; and ``budget``, a
             :class:`~trio_imappool.RedisBudget` shared with other processes and hosts.
 
     Raises:
-        ConfigurationError: An argument is invalid (raised before anything is opened).
+        ConfigurationError: An argument is invalid, unknown or missing (raised before anything
+            is opened; a type checker reports the same mistakes).
 
     Leaving the block closes the pool (see :meth:`Pool.aclose`) and then waits, bounded by the
     connect and login timeouts, for worker threads that were abandoned to finish. An exception
@@ -1063,7 +1065,7 @@ async def open_pool(
     ):
         if value is not None and not isinstance(value, trio.CapacityLimiter):
             raise ConfigurationError(f"{key} must be a trio.CapacityLimiter")
-    config = PoolConfig.build(host, port, **options)
+    config = PoolConfig.build(host, port, **cast(ConfigOptions, options))
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

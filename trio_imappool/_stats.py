@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple, Protocol
 
-__all__ = ["PoolCounts", "PoolStatistics"]
+__all__ = ["AsyncCounts", "PoolCounts", "PoolStatistics"]
 
 
 class PoolCounts(NamedTuple):
@@ -31,37 +32,37 @@ class PoolCounts(NamedTuple):
 class PoolStatistics:
     """A snapshot of the pool, returned by :meth:`~trio_imappool.Pool.statistics`.
 
-    ========================  ===============================================================
-    field                     meaning
-    ========================  ===============================================================
-    ``name``                  the pool's name (``user@host:port`` unless given)
-    ``min_size``              connections kept open
-    ``max_size``              upper bound on ``size``
-    ``size``                  connections that exist or are being opened
-    ``idle``                  open connections ready to be handed out
-    ``in_use``                connections checked out by tasks
-    ``opening``               connections being opened
-    ``waiting``               tasks waiting for a connection
-    ``closed``                whether the pool is closed
-    ``acquires``              checkouts that got a connection
-    ``acquire_waits``         of those and the failed ones, checkouts that had to wait
-    ``acquire_timeouts``      checkouts that ended in :class:`~trio_imappool.PoolTimeout`
-    ``connections_opened``    connections opened successfully
-    ``connections_discarded`` connections dropped because they broke (errors, interruptions)
-    ``connections_closed``    connections closed by the pool while healthy (pool closing,
-                              ``max_idle``, ``max_lifetime``)
-    ``open_failures``         failed attempts to open a connection
-    ``last_open_error``       the text of the last failed open, or None after a success
-    ``effective_max_size``    ``max_size``, or less after the server refused logins for too
-                              many connections (raised again one by one every 30 s)
-    ``noop_checks``           NOOPs sent at checkout to connections idle for long
-    ``keepalives``            NOOPs sent to idle connections by the ``keepalive`` option
-    ``selects``               SELECTs sent by ``pool.connection(folder)``
-    ``selects_saved``         ``pool.connection(folder)`` checkouts that found the folder
-                              selected already: round trips saved
-    ``queued``                openers waiting for a place under a cap shared with other pools
-                              (a pool group); not counted in ``size`` or ``opening``
-    ========================  ===============================================================
+    =========================  ===============================================================
+    field                      meaning
+    =========================  ===============================================================
+    ``name``                   the pool's name (``user@host:port`` unless given)
+    ``min_size``               connections kept open
+    ``max_size``               upper bound on ``size``
+    ``size``                   connections that exist or are being opened
+    ``idle``                   open connections ready to be handed out
+    ``in_use``                 connections checked out by tasks
+    ``opening``                connections being opened
+    ``waiting``                tasks waiting for a connection
+    ``closed``                 whether the pool is closed
+    ``acquires``               checkouts that got a connection
+    ``acquire_waits``          of those and the failed ones, checkouts that had to wait
+    ``acquire_timeouts``       checkouts that ended in :class:`~trio_imappool.PoolTimeout`
+    ``connections_opened``     connections opened successfully
+    ``connections_discarded``  connections dropped because they broke (errors, interruptions)
+    ``connections_closed``     connections closed by the pool while healthy (pool closing,
+                               ``max_idle``, ``max_lifetime``)
+    ``open_failures``          failed attempts to open a connection
+    ``last_open_error``        the text of the last failed open, or None after a success
+    ``effective_max_size``     ``max_size``, or less after the server refused logins for too
+                               many connections (raised again one by one every 30 s)
+    ``noop_checks``            NOOPs sent at checkout to connections idle for long
+    ``keepalives``             NOOPs sent to idle connections by the ``keepalive`` option
+    ``selects``                SELECTs sent by ``pool.connection(folder)``
+    ``selects_saved``          ``pool.connection(folder)`` checkouts that found the folder
+                               selected already: round trips saved
+    ``queued``                 openers waiting for a place under a cap shared with other pools
+                               (a pool group); not counted in ``size`` or ``opening``
+    =========================  ===============================================================
     """
 
     name: str
@@ -93,3 +94,57 @@ class PoolStatistics:
             f"size={self.size}/{self.max_size} idle={self.idle} in_use={self.in_use} "
             f"opening={self.opening} waiting={self.waiting}"
         )
+
+
+class AsyncCounts(Protocol):
+    """The type of :attr:`Pool.counts <trio_imappool.Pool.counts>`: a
+    :class:`trio_util.AsyncValue` of :class:`PoolCounts` (trio-util has no type information, so
+    this declares the part of it that is for users).
+
+    ::
+
+        await pool.counts.wait_value(lambda c: c.idle > 0)  # an idle connection exists
+        async for counts in pool.counts.eventual_values():  # each change, as it happens
+            print(counts.in_use, counts.waiting)
+    """
+
+    #: The current counts (set by the pool only).
+    value: PoolCounts
+
+    async def wait_value(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts], bool],
+        *,
+        held_for: float = 0.0,
+    ) -> PoolCounts:
+        """Wait until the counts are equal to a value or satisfy a predicate; return them.
+
+        **Cancellation**: a checkpoint; cancelling only stops the wait.
+        """
+        ...
+
+    async def wait_transition(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts, PoolCounts], bool] = ...,
+    ) -> tuple[PoolCounts, PoolCounts]:
+        """Wait for the next change (that matches); return ``(new, old)``.
+
+        **Cancellation**: a checkpoint; cancelling only stops the wait.
+        """
+        ...
+
+    def eventual_values(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts], bool] = ...,
+        held_for: float = 0.0,
+    ) -> AsyncIterator[PoolCounts]:
+        """Iterate over the counts that match, the current one first if it does (values that
+        change faster than the loop body runs are skipped)."""
+        ...
+
+    def transitions(
+        self,
+        value_or_predicate: PoolCounts | Callable[[PoolCounts, PoolCounts], bool] = ...,
+    ) -> AsyncIterator[tuple[PoolCounts, PoolCounts]]:
+        """Iterate over the changes (that match), as ``(new, old)``."""
+        ...

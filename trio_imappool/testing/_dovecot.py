@@ -72,6 +72,14 @@ DEFAULT_USERS: Mapping[str, str] = {"alice": "alice-pw", "bob": "bob-pw"}
 DEFAULT_DOVECOT = "/usr/sbin/dovecot"
 DEFAULT_DOVEADM = "/usr/bin/doveadm"
 INSTALL_HINT = "install it with `apt-get install dovecot-imapd` (Debian/Ubuntu)"
+IMAP_INSTALL_HINT = (
+    "Dovecot is installed without its IMAP server (Debian's dovecot-core without "
+    "dovecot-imapd): install it with `apt-get install dovecot-imapd`"
+)
+TRUSTME_HINT = (
+    "trio_imappool.testing needs the trustme package for its test CA: "
+    "pip install 'trio-imappool[testing]'"
+)
 
 _READY_POLL_INTERVAL = 0.01
 _STOP_TIMEOUT = 5.0
@@ -119,6 +127,35 @@ def find_dovecot(dovecot_binary: str | os.PathLike[str] | None = None) -> str:
     raise DovecotNotFoundError(
         f"Dovecot not found (looked for {' and '.join(candidates)}): {INSTALL_HINT}"
     )
+
+
+def _find_imap(dovecot: str) -> str:
+    """Locate Dovecot's ``imap`` program (the IMAP server proper, from ``dovecot-imapd``).
+
+    Without it Dovecot starts, accepts connections, and drops every session after LOGIN; say so
+    before starting instead.
+    """
+    prefix = Path(os.path.realpath(dovecot)).parent.parent
+    candidates = [
+        prefix / "lib" / "dovecot" / "imap",
+        prefix / "libexec" / "dovecot" / "imap",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    looked = " and ".join(str(path) for path in candidates)
+    raise DovecotNotFoundError(f"{IMAP_INSTALL_HINT} (looked for {looked})")
+
+
+def _import_trustme() -> Any:
+    """trustme, or a ModuleNotFoundError that names the extra that brings it."""
+    try:
+        import trustme
+    except ModuleNotFoundError as exc:
+        if exc.name != "trustme":
+            raise
+        raise ModuleNotFoundError(TRUSTME_HINT, name="trustme") from exc
+    return trustme
 
 
 def _find_doveadm(doveadm_binary: str | os.PathLike[str] | None, dovecot: str) -> str:
@@ -230,7 +267,7 @@ class DovecotServer:
         tls_identities: Sequence[str] = ("localhost", HOST),
     ) -> None:
         # Private: start_dovecot() makes the folder and calls this.
-        import trustme
+        trustme = _import_trustme()
 
         self.host = HOST
         self.base_dir = base_dir
@@ -731,12 +768,16 @@ def start_dovecot(
         The running server. Leaving the block stops it and removes its folder.
 
     Raises:
-        DovecotNotFoundError: Dovecot is not installed.
+        DovecotNotFoundError: Dovecot is not installed, or installed without its IMAP server
+            (``dovecot-core`` without ``dovecot-imapd``); the message names the package.
+        ModuleNotFoundError: trustme is missing (``pip install 'trio-imappool[testing]'``).
         DovecotStartError: Dovecot did not start (the message has the end of its log).
         ValueError: ``users`` is empty or holds a name or password a passwd-file cannot store.
     """
     dovecot = find_dovecot(dovecot_binary)
     doveadm = _find_doveadm(doveadm_binary, dovecot)
+    _find_imap(dovecot)
+    _import_trustme()
     user_map = dict(DEFAULT_USERS if users is None else users)
     if not user_map:
         raise ValueError("start_dovecot() needs at least one user")

@@ -114,19 +114,19 @@ class Progress:
     counted in ``messages_missing``). Totals are known once every folder's search has
     finished; until then they are None.
 
-    ==================  =============================================================
-    field               meaning
-    ==================  =============================================================
-    ``messages_total``  messages to fetch in all (None while searches are running)
-    ``messages_done``   messages handed to the caller, plus those skipped
-    ``bytes_done``      bytes of the ``bytes`` values (bodies, headers) handed over
-    ``batches_total``   FETCH commands in all (None while searches are running)
-    ``batches_done``    batches whose every message is done
-    ``folders_total``   folders asked for
-    ``folders_done``    folders whose every batch is done
-    ``messages_missing`` of the messages done, those skipped because the server did not
-                        return them or returned them without the data asked for
-    ==================  =============================================================
+    ====================  ===========================================================
+    field                 meaning
+    ====================  ===========================================================
+    ``messages_total``    messages to fetch in all (None while searches are running)
+    ``messages_done``     messages handed to the caller, plus those skipped
+    ``bytes_done``        bytes of the ``bytes`` values (bodies, headers) handed over
+    ``batches_total``     FETCH commands in all (None while searches are running)
+    ``batches_done``      batches whose every message is done
+    ``folders_total``     folders asked for
+    ``folders_done``      folders whose every batch is done
+    ``messages_missing``  of the messages done, those skipped because the server did not
+                          return them or returned them without the data asked for
+    ====================  ===========================================================
     """
 
     messages_total: int | None

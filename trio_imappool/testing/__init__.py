@@ -29,10 +29,21 @@ or :func:`start_proxy_thread` for blocking code.
 With pytest, the ``dovecot`` (session) and ``dovecot_factory`` fixtures of
 :mod:`trio_imappool.testing.pytest_plugin` are loaded automatically.
 
+A second real server, Cyrus IMAP, starts the same way (:func:`start_cyrus`, the ``cyrus`` and
+``cyrus_factory`` fixtures, and ``imap_server``, which runs a test against both).
+
 Everything here is synchronous and bounded in time. Importing this package is cheap: `trustme`
 and `imapclient` are imported when first needed.
 """
 
+from ._cyrus import (
+    CyrusFactory,
+    CyrusNotFoundError,
+    CyrusServer,
+    CyrusStartError,
+    find_cyrus,
+    start_cyrus,
+)
 from ._dovecot import (
     DEFAULT_USERS,
     DovecotFactory,
@@ -53,6 +64,10 @@ from ._seed import make_message, message_date, seed_folders
 
 __all__ = [
     "DEFAULT_USERS",
+    "CyrusFactory",
+    "CyrusNotFoundError",
+    "CyrusServer",
+    "CyrusStartError",
     "DovecotFactory",
     "DovecotNotFoundError",
     "DovecotServer",
@@ -60,11 +75,13 @@ __all__ = [
     "FaultProxy",
     "ProxyStatistics",
     "ProxyThread",
+    "find_cyrus",
     "find_dovecot",
     "make_message",
     "message_date",
     "open_fault_proxy",
     "seed_folders",
+    "start_cyrus",
     "start_dovecot",
     "start_proxy_thread",
 ]

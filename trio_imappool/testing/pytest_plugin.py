@@ -18,6 +18,16 @@ nothing until a test asks for one of its fixtures:
 
 If Dovecot is not installed, both fixtures fail the test with the install hint. They never skip:
 a CI run without Dovecot must go red, not quietly green.
+
+``cyrus`` (session scope) and ``cyrus_factory`` (function scope)
+    The same for Cyrus IMAP (:func:`~trio_imappool.testing.start_cyrus`): alice and bob, no
+    per-user limit on the shared one. They fail, never skip, when Cyrus is not installed. When
+    a test using one fails, the end of Cyrus's log is added to its report.
+
+``imap_server`` (session scope, parametrised ``dovecot`` and ``cyrus``)
+    The shared Dovecot, then the shared Cyrus: a test that takes it runs once against each. For
+    tests of IMAP behaviour, not of one server's administration; both servers have
+    ``pool_kwargs``, ``add_user``, ``kick``, ``connections`` and ``/`` as hierarchy separator.
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from ._cyrus import CyrusFactory, CyrusServer
     from ._dovecot import DovecotFactory, DovecotServer
 
-__all__ = ["dovecot", "dovecot_factory"]
+__all__ = ["cyrus", "cyrus_factory", "dovecot", "dovecot_factory", "imap_server"]
 
 
 def _start(stack: contextlib.ExitStack, **kwargs: Any) -> DovecotServer:
@@ -59,3 +70,54 @@ def dovecot_factory() -> Iterator[DovecotFactory]:
             return _start(stack, **kwargs)
 
         yield factory
+
+
+def _start_cyrus(stack: contextlib.ExitStack, **kwargs: Any) -> CyrusServer:
+    from ._cyrus import CyrusNotFoundError, start_cyrus
+
+    try:
+        server = stack.enter_context(start_cyrus(**kwargs))
+    except CyrusNotFoundError as exc:
+        pytest.fail(f"these tests need a real Cyrus IMAP: {exc}", pytrace=False)
+    _cyrus_servers.append(server)
+    stack.callback(_cyrus_servers.remove, server)
+    return server
+
+
+# The running Cyrus servers, whose log a failed test's report shows.
+_cyrus_servers: list[CyrusServer] = []
+
+
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[CyrusServer]:
+    """The session's shared Cyrus IMAP (alice and bob, no per-user limit)."""
+    with contextlib.ExitStack() as stack:
+        yield _start_cyrus(stack)
+
+
+@pytest.fixture
+def cyrus_factory() -> Iterator[CyrusFactory]:
+    """Start Cyrus servers of the test's own; all are stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+
+        def factory(**kwargs: Any) -> CyrusServer:
+            return _start_cyrus(stack, **kwargs)
+
+        yield factory
+
+
+@pytest.fixture(scope="session", params=["dovecot", "cyrus"])
+def imap_server(request: pytest.FixtureRequest) -> DovecotServer | CyrusServer:
+    """The shared Dovecot, then the shared Cyrus (see the module's docstring)."""
+    server: DovecotServer | CyrusServer = request.getfixturevalue(request.param)
+    return server
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    names = " ".join([*getattr(item, "fixturenames", ()), item.name])
+    if report.failed and _cyrus_servers and "cyrus" in names:
+        for server in _cyrus_servers:
+            report.sections.append((f"Cyrus log ({server.imap_port})", server.log_tail()))
+    return report

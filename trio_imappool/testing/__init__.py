@@ -41,6 +41,7 @@ from ._cyrus import (
     CyrusNotFoundError,
     CyrusServer,
     CyrusStartError,
+    ImapServer,
     find_cyrus,
     start_cyrus,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "DovecotServer",
     "DovecotStartError",
     "FaultProxy",
+    "ImapServer",
     "ProxyStatistics",
     "ProxyThread",
     "find_cyrus",

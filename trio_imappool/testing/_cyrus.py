@@ -43,11 +43,12 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ._dovecot import (
     DEFAULT_USERS,
     HOST,
+    DovecotServer,
     _check_field,
     _free_ports,
     _group_alive,
@@ -65,6 +66,7 @@ __all__ = [
     "CyrusNotFoundError",
     "CyrusServer",
     "CyrusStartError",
+    "ImapServer",
     "find_cyrus",
     "start_cyrus",
 ]
@@ -715,6 +717,12 @@ def start_cyrus(
     with server:
         server.start()
         yield server
+
+
+ImapServer: TypeAlias = "DovecotServer | CyrusServer"
+"""Either test server, as the ``imap_server`` fixture gives it. Both have what tests of IMAP
+behaviour use: ``pool_kwargs``, ``ssl_context``, ``add_user``, ``kick``, ``connections``,
+``restart``."""
 
 
 class CyrusFactory(Protocol):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from ._cyrus import CyrusFactory, CyrusServer
+    from ._cyrus import CyrusFactory, CyrusServer, ImapServer
     from ._dovecot import DovecotFactory, DovecotServer
 
 __all__ = ["cyrus", "cyrus_factory", "dovecot", "dovecot_factory", "imap_server"]
@@ -107,9 +107,9 @@ def cyrus_factory() -> Iterator[CyrusFactory]:
 
 
 @pytest.fixture(scope="session", params=["dovecot", "cyrus"])
-def imap_server(request: pytest.FixtureRequest) -> DovecotServer | CyrusServer:
+def imap_server(request: pytest.FixtureRequest) -> ImapServer:
     """The shared Dovecot, then the shared Cyrus (see the module's docstring)."""
-    server: DovecotServer | CyrusServer = request.getfixturevalue(request.param)
+    server: ImapServer = request.getfixturevalue(request.param)
     return server
 
 

@@ -32,7 +32,11 @@ With pytest, the ``dovecot`` (session) and ``dovecot_factory`` fixtures of
 A second real server, Cyrus IMAP, starts the same way (:func:`start_cyrus`, the ``cyrus`` and
 ``cyrus_factory`` fixtures, and ``imap_server``, which runs a test against both).
 
-Everything here is synchronous and bounded in time. Importing this package is cheap: `trustme`
+For behaviour no real server here shows (hostile folder names, FETCH answers that leave a
+message out, odd logins), :func:`open_scripted_server` and :func:`start_scripted_server_thread`
+run a scripted IMAP server on 127.0.0.1: an in-memory account and a handler per command.
+
+Everything else here is synchronous and bounded in time. Importing this package is cheap: `trustme`
 and `imapclient` are imported when first needed.
 """
 
@@ -61,9 +65,22 @@ from ._proxy import (
     open_fault_proxy,
     start_proxy_thread,
 )
+from ._scripted import (
+    DEFAULT_CAPABILITIES,
+    ScriptedAccount,
+    ScriptedCommand,
+    ScriptedFolder,
+    ScriptedMessage,
+    ScriptedServer,
+    ScriptedServerThread,
+    ScriptedSession,
+    open_scripted_server,
+    start_scripted_server_thread,
+)
 from ._seed import make_message, message_date, seed_folders
 
 __all__ = [
+    "DEFAULT_CAPABILITIES",
     "DEFAULT_USERS",
     "CyrusFactory",
     "CyrusNotFoundError",
@@ -77,13 +94,22 @@ __all__ = [
     "ImapServer",
     "ProxyStatistics",
     "ProxyThread",
+    "ScriptedAccount",
+    "ScriptedCommand",
+    "ScriptedFolder",
+    "ScriptedMessage",
+    "ScriptedServer",
+    "ScriptedServerThread",
+    "ScriptedSession",
     "find_cyrus",
     "find_dovecot",
     "make_message",
     "message_date",
     "open_fault_proxy",
+    "open_scripted_server",
     "seed_folders",
     "start_cyrus",
     "start_dovecot",
     "start_proxy_thread",
+    "start_scripted_server_thread",
 ]

@@ -8,14 +8,29 @@ every test runs under ``trio.fail_after``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import imapclient
 import pytest
 import trio
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from trio_imappool import AuthenticationError, ConnectionLimitError, open_pool
+from trio_imappool import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionLimitError,
+    Pool,
+    PoolTimeout,
+    open_pool,
+)
 from trio_imappool._errors import REFUSALS, Refusal, classify_open_error, refusal_of
-from trio_imappool.testing import CyrusFactory, CyrusServer
+from trio_imappool.testing import (
+    CyrusFactory,
+    CyrusServer,
+    ScriptedCommand,
+    ScriptedSession,
+    open_scripted_server,
+)
 
 from .conftest import assert_settled
 
@@ -103,3 +118,156 @@ def test_a_plain_no_is_wrong_credentials_only_when_nothing_else_is_open() -> Non
     assert classify_open_error(plain) is AuthenticationError
     assert classify_open_error(plain, others_open=True) is ConnectionLimitError
     assert classify_open_error(coded, others_open=True) is AuthenticationError
+
+
+# -- scripted servers: the refusals no server here shows ---------------------------------------
+
+LIMIT = 3
+
+
+async def serve_users(pool: Pool, users: int = 12, rounds: int = 4) -> int:
+    """Users arriving one by one, each checking a connection out a few times; how many
+    checkouts were served."""
+    served = 0
+
+    async def user() -> None:
+        nonlocal served
+        for _ in range(rounds):
+            async with pool.connection() as conn:
+                await conn.noop()
+                await trio.sleep(0.05)
+            served += 1
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(users):
+                nursery.start_soon(user)
+                await trio.sleep(0.03)
+    return served
+
+
+async def gmail_login(session: ScriptedSession, command: ScriptedCommand) -> None:
+    """Gmail over its limit: ``NO [ALERT] Too many simultaneous connections. (Failure)``."""
+    if session.server.active > LIMIT:
+        await session.send_line(
+            f"{command.tag} NO [ALERT] Too many simultaneous connections. (Failure)"
+        )
+    else:
+        await session.default(command)
+
+
+async def test_gmails_too_many_simultaneous_connections_lowers_the_size() -> None:
+    async with (
+        open_scripted_server(handlers={"LOGIN": gmail_login}) as server,
+        open_pool(**server.pool_kwargs(), max_size=6, acquire_timeout=10) as pool,
+    ):
+        served = await serve_users(pool)
+        stats = pool.statistics()
+        await assert_settled(pool)
+    assert served == 48
+    assert stats.effective_max_size <= LIMIT and stats.size <= LIMIT, stats
+    assert 1 <= stats.open_failures <= 4, stats  # refused, then no storm of retries
+    assert "Too many simultaneous connections" in (stats.last_open_error or "")
+
+
+class Exchange:
+    """Microsoft 365 under throttling: LOGIN succeeds, then every command of that session is
+    ``BAD User is authenticated but not connected.`` (LOGIN's answer carries no capabilities,
+    as Microsoft's does not, so the client's next command is CAPABILITY)."""
+
+    def __init__(self) -> None:
+        self.throttled: set[int] = set()
+        self.refused = 0
+
+    def handlers(self) -> dict[str, Any]:
+        handlers: dict[str, Any] = {"LOGIN": self.login}
+        for name in ("CAPABILITY", "NOOP", "SELECT", "EXAMINE", "LIST", "STATUS"):
+            handlers[name] = self.command
+        return handlers
+
+    async def login(self, session: ScriptedSession, command: ScriptedCommand) -> None:
+        if session.account.users.get(command.arg(0).decode()) != command.arg(1).decode():
+            await session.send_line(f"{command.tag} NO LOGIN failed.")
+            return
+        session.user = command.arg(0).decode()
+        if session.server.active > LIMIT:
+            self.throttled.add(session.number)
+        await session.send_line(f"{command.tag} OK LOGIN completed.")
+
+    async def command(self, session: ScriptedSession, command: ScriptedCommand) -> None:
+        if session.number in self.throttled:
+            self.refused += 1
+            await session.send_line(f"{command.tag} BAD User is authenticated but not connected.")
+        else:
+            await session.default(command)
+
+
+async def test_microsoft_365s_authenticated_but_not_connected_lowers_the_size() -> None:
+    exchange = Exchange()
+    async with (
+        open_scripted_server(handlers=exchange.handlers(), greeting_capabilities=False) as server,
+        open_pool(**server.pool_kwargs(), max_size=6, acquire_timeout=10) as pool,
+    ):
+        served = await serve_users(pool)
+        stats = pool.statistics()
+        await assert_settled(pool)
+    assert served == 48  # no user got the BAD: the open failed instead
+    assert exchange.throttled and exchange.refused == len(exchange.throttled)
+    assert stats.effective_max_size <= LIMIT and stats.size <= LIMIT, stats
+    assert 1 <= stats.open_failures <= 4, stats
+    assert "authenticated but not connected" in (stats.last_open_error or "")
+
+
+async def courier_greeting(session: ScriptedSession) -> None:
+    """Courier-IMAP over ``-maxperip``: the connection is closed before any greeting."""
+    if session.server.active > LIMIT:
+        await session.close()
+    else:
+        await session.send_line("* OK [CAPABILITY IMAP4rev1 IDLE UNSELECT] Courier-IMAP ready.")
+
+
+async def test_a_connection_closed_before_the_greeting_is_a_refusal_not_an_outage() -> None:
+    async with (
+        open_scripted_server(greeting=courier_greeting) as server,
+        open_pool(**server.pool_kwargs(), max_size=6, acquire_timeout=10) as pool,
+    ):
+        with trio.fail_after(10):
+            await serve_users(pool, users=6, rounds=2)  # reach the limit
+        served = await serve_users(pool)
+        stats = pool.statistics()
+        await assert_settled(pool)
+    assert served == 48
+    assert stats.effective_max_size <= LIMIT and stats.size <= LIMIT, stats
+    assert stats.connections_discarded == 0, stats  # the healthy ones were kept
+    assert 1 <= stats.open_failures <= 4, stats  # backed off: no retries twice a second
+    assert "EOF" in (stats.last_open_error or "")
+
+
+async def test_a_server_that_goes_away_is_still_an_outage() -> None:
+    """The other side of the rule: when the pool's idle connections see EOF too, a closed
+    connection means the server went away, and they are dropped."""
+    refusing = False
+
+    async def greeting(session: ScriptedSession) -> None:
+        if refusing:
+            await session.close()
+        else:
+            await session.send_line("* OK [CAPABILITY IMAP4rev1 IDLE UNSELECT] ready")
+
+    async with (
+        open_scripted_server(greeting=greeting) as server,
+        open_pool(**server.pool_kwargs(), max_size=2, acquire_timeout=2) as pool,
+    ):
+        async with pool.connection() as a, pool.connection() as b:
+            await a.noop()
+            await b.noop()
+        refusing = True
+        for session in list(server._sessions):  # the server drops everyone
+            await session.close()
+        await trio.sleep(0.1)
+        with pytest.raises((PoolTimeout, ConnectError)):
+            async with pool.connection() as conn:
+                await conn.noop()
+        stats = pool.statistics()
+    assert stats.effective_max_size == 2, stats  # not lowered
+    assert stats.connections_discarded >= 1, stats

@@ -24,6 +24,7 @@ from trio_imappool.testing import (
     CyrusNotFoundError,
     CyrusServer,
     make_message,
+    message_date,
     seed_folders,
     start_cyrus,
 )
@@ -207,3 +208,44 @@ def test_the_fixtures_fail_instead_of_skipping_without_cyrus(
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*these tests need a real Cyrus IMAP*"])
+
+
+# -- Cyrus's quirks that the README's table names -------------------------------------------------
+
+
+def test_creating_a_child_makes_its_parent_a_real_folder(cyrus: CyrusServer) -> None:
+    """Unlike Dovecot, where the parent of ``Quirk/Child`` is not a folder at all."""
+    seed_folders(cyrus, {"Quirk/Child": 1}, user="bob")
+    with connect(cyrus, "bob") as client:
+        listed = {name: flags for flags, _, name in client.list_folders("", "Quirk*")}
+        assert set(listed) == {"Quirk", "Quirk/Child"}
+        assert b"\\Noselect" not in listed["Quirk"]
+        assert client.select_folder("Quirk", readonly=True)[b"EXISTS"] == 0
+
+
+async def test_the_exporter_writes_such_a_parent_as_an_empty_folder(
+    cyrus: CyrusServer, tmp_path: Path
+) -> None:
+    from trio_imappool import open_pool
+    from trio_imappool._export import export_maildir
+
+    cyrus.add_user("exporter", "exporter-pw")
+    settings = cyrus.pool_kwargs("exporter", tls=False)
+    uids = seed_folders(settings, {"Parent/Child": 2})
+    async with open_pool(**settings, max_size=2) as pool:
+        result = await export_maildir(pool, tmp_path / "Mail")
+    assert {f.name for f in result.folders} == {"INBOX", "Parent", "Parent/Child"}
+    assert result.messages_fetched == len(uids["Parent/Child"]) == 2
+    assert (tmp_path / "Mail" / ".Parent" / "cur").is_dir()
+
+
+def test_multiappend_of_bare_messages_is_refused(cyrus: CyrusServer) -> None:
+    """Cyrus 3.6 answers BAD when a message after the first comes without flags or a date
+    (imapclient then sends literal after literal); with dates, as seed_folders sends, it works.
+    If this starts passing, the README's table is out of date."""
+    messages = [make_message("Bare", 0), make_message("Bare", 1)]
+    with connect(cyrus, "bob") as client:
+        with pytest.raises(imapclient.exceptions.IMAPClientError, match="Missing required"):
+            client.multiappend("INBOX", messages)
+        dated = [{"msg": m, "date": message_date(i)} for i, m in enumerate(messages)]
+        assert client.multiappend("INBOX", dated)[0] == "OK"

@@ -8,6 +8,11 @@ every test runs under ``trio.fail_after``.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import imapclient
@@ -30,6 +35,7 @@ from trio_imappool.testing import (
     ScriptedCommand,
     ScriptedSession,
     open_scripted_server,
+    seed_folders,
 )
 
 from .conftest import assert_settled
@@ -63,6 +69,32 @@ async def test_a_pool_above_cyrus_limit_settles_at_the_limit(
     assert stats.effective_max_size <= 3 and stats.size <= 3, stats
     assert stats.open_failures >= 1, stats  # the limit was reached and recognised
     assert "Too many open connections" in (stats.last_open_error or "")
+
+
+def test_the_export_command_with_more_connections_than_cyrus_allows_succeeds(
+    cyrus_factory: CyrusFactory, tmp_path: Path
+) -> None:
+    """The issue's own report: ``trio-imappool export -c 6`` against a limit of 3 exited 3,
+    "authentication failed"."""
+    server = cyrus_factory(max_logins_per_user=3)
+    settings = server.pool_kwargs(tls=False)
+    seed_folders(settings, {f"F{i}": 150 for i in range(12)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IMAPPOOL_")}
+    env["TRIO_IMAPPOOL_PASSWORD"] = settings["password"]
+    args = ["--host", settings["host"], "--port", str(settings["port"])]
+    args += ["--user", settings["username"], "-c", "6", "-v", str(tmp_path / "Mail")]
+    done = subprocess.run(
+        [sys.executable, "-m", "trio_imappool", "export", "--plain", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"exported 1,?800 new messages", done.stdout), done.stdout
+    assert "pool: 3 connections opened" in done.stdout  # settled at the limit
 
 
 async def test_wrong_password_on_cyrus_is_still_an_authentication_error(

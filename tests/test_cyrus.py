@@ -122,6 +122,18 @@ def test_hierarchy_separator_is_slash_without_inbox_prefix(cyrus: CyrusServer) -
         assert {"INBOX", "Sep", "Sep/Child"} <= names
 
 
+def test_a_courier_like_namespace_on_request(cyrus_factory: CyrusFactory) -> None:
+    """Without altnamespace and unixhierarchysep: personal namespace ``INBOX.``, delimiter
+    ``.``, as on Courier-IMAP (a real server for the exporter's NAMESPACE handling)."""
+    server = cyrus_factory(altnamespace=False, unixhierarchysep=False)
+    assert server.delimiter == "."
+    seed_folders(server, {"INBOX.Archive.2024": 1})
+    with connect(server) as client:
+        assert client.namespace().personal == (("INBOX.", "."),)
+        names = {name for _, delimiter, name in client.list_folders() if delimiter == b"."}
+        assert {"INBOX", "INBOX.Archive", "INBOX.Archive.2024"} <= names
+
+
 def test_the_log_holds_cyrus_syslog_lines(cyrus: CyrusServer) -> None:
     if not cyrus.log_captured:
         pytest.fail("Cyrus's log is captured only when the tests run as root")

@@ -199,7 +199,7 @@ class CyrusServer:
         log_path: Cyrus's syslog lines (when we are root; see the module's docstring) and the
             master's own output.
         max_logins_per_user: Cyrus's ``maxlogins_per_user`` (0: no limit).
-        delimiter: The hierarchy separator, ``"/"``.
+        delimiter: The hierarchy separator: ``"/"``, or ``"."`` without ``unixhierarchysep``.
     """
 
     host: str
@@ -209,7 +209,7 @@ class CyrusServer:
     base_dir: Path
     log_path: Path
     max_logins_per_user: int
-    delimiter = "/"
+    delimiter: str
 
     def __init__(
         self,
@@ -223,6 +223,8 @@ class CyrusServer:
         ready_timeout: float,
         idled: bool,
         capture_log: bool,
+        altnamespace: bool = True,
+        unixhierarchysep: bool = True,
     ) -> None:
         # Private: start_cyrus() makes the folder and calls this.
         import trustme
@@ -236,6 +238,9 @@ class CyrusServer:
         self._ready_timeout = ready_timeout
         self._extra_config = extra_config
         self._idled = idled
+        self._altnamespace = altnamespace
+        self._unixhierarchysep = unixhierarchysep
+        self.delimiter = "/" if unixhierarchysep else "."
         self._users: dict[str, str] = {}
         self._lock = threading.RLock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -385,8 +390,8 @@ sasl_sasldb_path: {self._sasldb}
 sasl_mech_list: PLAIN LOGIN
 tls_server_cert: {base}/cert.pem
 tls_server_key: {base}/key.pem
-unixhierarchysep: yes
-altnamespace: yes
+unixhierarchysep: {"yes" if self._unixhierarchysep else "no"}
+altnamespace: {"yes" if self._altnamespace else "no"}
 imapidlepoll: 1
 autocreate_quota: 0
 failedloginpause: 0
@@ -667,6 +672,8 @@ def start_cyrus(
     root_dir: str | os.PathLike[str] | None = None,
     idled: bool = False,
     capture_log: bool = True,
+    altnamespace: bool = True,
+    unixhierarchysep: bool = True,
 ) -> Iterator[CyrusServer]:
     """Run a private Cyrus IMAP on 127.0.0.1 for the duration of a ``with`` block.
 
@@ -683,6 +690,10 @@ def start_cyrus(
             makes them arrive within a second.
         capture_log: Run in a mount namespace whose ``/dev/log`` is ours (root only; see the
             module's docstring).
+        altnamespace: Cyrus's ``altnamespace``: folders beside INBOX (personal namespace
+            ``""``). ``False`` puts them under it (``INBOX.``), as Courier and older Cyrus do.
+        unixhierarchysep: Cyrus's ``unixhierarchysep``: ``/`` as separator; ``False`` for
+            ``.`` (then user names must not contain dots).
 
     Yields:
         The running server. Leaving the block stops it and removes its folder.
@@ -710,6 +721,8 @@ def start_cyrus(
             ready_timeout=ready_timeout,
             idled=idled,
             capture_log=capture_log,
+            altnamespace=altnamespace,
+            unixhierarchysep=unixhierarchysep,
         )
     except BaseException:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -739,4 +752,6 @@ class CyrusFactory(Protocol):
         root_dir: str | os.PathLike[str] | None = None,
         idled: bool = False,
         capture_log: bool = True,
+        altnamespace: bool = True,
+        unixhierarchysep: bool = True,
     ) -> CyrusServer: ...

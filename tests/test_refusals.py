@@ -315,3 +315,11 @@ async def test_a_server_that_goes_away_is_still_an_outage() -> None:
         stats = pool.statistics()
     assert stats.effective_max_size == 2, stats  # not lowered
     assert stats.connections_discarded >= 1, stats
+
+
+def test_only_a_clean_close_before_the_greeting_can_be_a_refusal() -> None:
+    eof = imapclient.exceptions.IMAPClientAbortError("socket error: EOF")
+    assert classify_open_error(eof, others_open=True, others_healthy=True) is ConnectionLimitError
+    assert classify_open_error(eof, others_open=True, others_healthy=False) is ConnectError
+    for fault in (ConnectionResetError(), ConnectionRefusedError(), TimeoutError()):
+        assert classify_open_error(fault, others_healthy=True) is ConnectError, fault

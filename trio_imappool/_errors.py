@@ -178,17 +178,15 @@ def refusal_of(exc: BaseException) -> Refusal | None:
 
 
 def closed_before_greeting(exc: BaseException) -> bool:
-    """Whether an open failed because the server closed the connection without a word: EOF
-    or reset before the greeting, or a TLS handshake cut short. A refused TCP connection
-    (nothing listening) is not one."""
+    """Whether an open failed because the server closed the connection cleanly without a
+    word: EOF before the greeting, or a TLS handshake ended by EOF (Courier-IMAP's per-IP
+    limit). A reset (RST: a network fault) or a refused connection (nothing listening) is not
+    one."""
     if isinstance(exc, imaplib.IMAP4.abort) and not isinstance(
         exc, imap_exc.IMAPClientReadOnlyError
     ):
         return "EOF" in str(exc).upper()
-    return isinstance(
-        exc,
-        EOFError | ConnectionResetError | ConnectionAbortedError | ssl.SSLEOFError,
-    )
+    return isinstance(exc, EOFError | ssl.SSLEOFError)
 
 
 # Raised by imapclient when a command failed but the connection is fine: a tagged NO or BAD, a

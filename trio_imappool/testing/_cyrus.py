@@ -253,7 +253,8 @@ class CyrusServer:
         self._sasldb = base_dir / "sasldb2"
         self._imapd_conf = base_dir / "imapd.conf"
         self._cyrus_conf = base_dir / "cyrus.conf"
-        self._hostdev = Path(tempfile.mkdtemp(prefix="imappool-dev-"))
+        # Where the namespace keeps the real /dev while its own covers it (made when needed).
+        self._hostdev: Path | None = None
 
         self.ca = trustme.CA()
         cert = self.ca.issue_cert("localhost", HOST)
@@ -446,6 +447,8 @@ DAEMON {{
             return master
         # A private /dev: a tmpfs with the device nodes bound in from the real one, /dev/shm
         # (where our folder may live) bound back, and /dev/log pointing at our socket.
+        if self._hostdev is None:
+            self._hostdev = Path(tempfile.mkdtemp(prefix="imappool-dev-"))
         hostdev = shlex.quote(os.fspath(self._hostdev))
         lines = [
             "set -e",
@@ -574,8 +577,9 @@ DAEMON {{
                 self._listener.close()
                 self._listener = None
             shutil.rmtree(self.base_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                self._hostdev.rmdir()
+            if self._hostdev is not None:
+                with contextlib.suppress(OSError):
+                    self._hostdev.rmdir()
 
     def _clean_runtime_files(self) -> None:
         # Session records (proc files), locks, sockets and the pid file of the last run.

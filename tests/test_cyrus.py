@@ -28,6 +28,7 @@ from trio_imappool.testing import (
     seed_folders,
     start_cyrus,
 )
+from trio_imappool.testing._cyrus import _namespaces_work
 
 pytest_plugins = ["pytester"]
 
@@ -135,8 +136,10 @@ def test_a_courier_like_namespace_on_request(cyrus_factory: CyrusFactory) -> Non
 
 
 def test_the_log_holds_cyrus_syslog_lines(cyrus: CyrusServer) -> None:
-    if not cyrus.log_captured:
-        pytest.fail("Cyrus's log is captured only when the tests run as root")
+    if not _namespaces_work():  # not root, or a container without mount namespaces
+        assert not cyrus.log_captured and "not captured" in cyrus.log_tail()
+        return
+    assert cyrus.log_captured
     with connect(cyrus, "bob"):
         pass
     deadline = time.monotonic() + 2.0

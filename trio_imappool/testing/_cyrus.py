@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import pwd
 import shlex
@@ -88,6 +89,12 @@ _STOP_TIMEOUT = 5.0
 _LOG_TAIL_BYTES = 4000
 # The device nodes a Cyrus process opens; bound into the namespace's private /dev.
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+_NOT_CAPTURED = (
+    "(Cyrus's syslog is not captured: that needs root and a mount namespace, "
+    "which this machine or container does not allow)\n"
+)
 
 
 class CyrusNotFoundError(RuntimeError):
@@ -150,6 +157,27 @@ def _cyrus_ids() -> tuple[str, int, int]:
                 return name, entry.pw_uid, entry.pw_gid
     entry = pwd.getpwuid(os.geteuid())
     return entry.pw_name, entry.pw_uid, os.getegid()
+
+
+@functools.cache
+def _namespaces_work() -> bool:
+    """Whether we may run a server in a mount namespace with a tmpfs of its own: root, and not
+    in a container that forbids it (then Cyrus runs without one, its log uncaptured)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory(prefix="imappool-probe-") as target:
+        script = f"mount --make-rprivate / && mount -t tmpfs imappool-probe {shlex.quote(target)}"
+        try:
+            probe = subprocess.run(
+                ["unshare", "--mount", "sh", "-c", script],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=10.0,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return probe.returncode == 0
 
 
 class _SyslogListener:
@@ -247,7 +275,7 @@ class CyrusServer:
         self._listener: _SyslogListener | None = None
         self._closed = False
         self._user, self._uid, self._gid = _cyrus_ids()
-        self._namespace = capture_log and os.geteuid() == 0 and shutil.which("unshare") is not None
+        self._namespace = capture_log and _namespaces_work()
         self.imap_port, self.imaps_port = _free_ports(2)
         self._config_dir = base_dir / "conf"
         self._sasldb = base_dir / "sasldb2"
@@ -335,7 +363,7 @@ class CyrusServer:
 
     def log_tail(self, max_bytes: int = _LOG_TAIL_BYTES) -> str:
         """The end of Cyrus's log (about ``max_bytes``), for error messages."""
-        note = "" if self._namespace else "(Cyrus's syslog is captured only when run as root)\n"
+        note = "" if self._namespace else _NOT_CAPTURED
         try:
             with self.log_path.open("rb") as log:
                 log.seek(0, os.SEEK_END)

@@ -20,7 +20,8 @@ Cyrus writes its log only to syslog, through ``/dev/log``. When we are root, the
 a mount namespace of its own (``unshare --mount``) whose ``/dev`` is a small tmpfs with the
 device nodes it needs and ``/dev/log`` pointing at a datagram socket of this object, read by a
 thread into :attr:`CyrusServer.log_path`; :meth:`CyrusServer.log_tail` shows its end, and errors
-of :func:`start_cyrus` carry it. Without root the log goes to the system's syslog, if any.
+of :func:`start_cyrus` carry it. Without root, or in a container that forbids mount namespaces,
+Cyrus runs without one and its log goes to the system's syslog, if any.
 
 Stopping kills the server's process group with SIGKILL and waits until no member is left, so
 :meth:`CyrusServer.start` brings it back at once on the same ports with the same mail. Everything

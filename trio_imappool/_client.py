@@ -472,6 +472,10 @@ def login_client(client: TrackingClient, config: PoolConfig, token: str | None) 
     """
     try:
         authenticate(client, config, token)
+        # The post-login capabilities, now: free where the LOGIN answer carried them (Dovecot,
+        # Cyrus), one round trip elsewhere, which also proves the session serves commands
+        # (throttled Microsoft 365 answers them "BAD User is authenticated but not connected").
+        client.capabilities()
         client._timeout = SocketTimeout(connect=config.connect_timeout, read=config.read_timeout)
         client.socket().settimeout(config.read_timeout)
     except BaseException:

@@ -589,6 +589,12 @@ class Pool:
 
     def _invalidate(self, why: str) -> None:
         self._invalid_before = trio.current_time()
+        if self._limit_lowered_at is not None:
+            # The server went away (or drain() was called): what it allowed before is no
+            # guide to what it allows now, and a refusal misread during a restart must not
+            # keep the pool small for minutes.
+            self._size_limiter.total_tokens = self.config.max_size
+            self._limit_lowered_at = None
         dropped = 0
         for slot in self._take_all_idle():
             slot.broken = slot.broken or "dropped with the other idle connections"
@@ -858,7 +864,14 @@ class Pool:
     def _open_failed(self, exc: BaseException) -> ConnectError:
         self._open_failures += 1
         self._failures += 1
-        kind = ConnectError if isinstance(exc, trio.TooSlowError) else classify_open_error(exc)
+        if isinstance(exc, trio.TooSlowError):
+            kind: type[ConnectError] = ConnectError
+        else:
+            # With connections of ours open, a bare NO to LOGIN or a connection closed before
+            # the greeting is the server refusing one more, not wrong credentials or an outage.
+            kind = classify_open_error(
+                exc, others_open=self._idle + self._in_use > 0, others_healthy=self._healthy()
+            )
         if kind is ConnectionLimitError:
             delay = LIMIT_BACKOFF * 2 ** min(self._failures - 1, 3)
         else:
@@ -873,6 +886,15 @@ class Pool:
         self._last_open_error = error
         logger.warning("%s", error)
         return error
+
+    def _healthy(self) -> bool:
+        """Whether the pool has connections and none of the idle ones shows a closed socket
+        (a synchronous look, no round trip)."""
+        idle = self._take_all_idle()
+        try:
+            return len(idle) + self._in_use > 0 and not any(s.server_spoke() for s in idle)
+        finally:
+            self._put_back(idle)
 
     def _lower_size(self) -> bool:
         """After a login refused for too many connections: make the connections we have the

@@ -295,9 +295,14 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         will_be = self.selected
         state = imap.state
         imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
+        noop = None
         try:
             # Untagged FETCH responses left by earlier commands are not this pipeline's.
             imap.untagged_responses.pop("FETCH", None)
+            if steps and will_be == (steps[0][0], True):
+                # The folder was selected by an earlier command: a NOOP first makes the session
+                # current (messages appended by other sessions since), in the same round trip.
+                noop = imap._command("NOOP")
             for folder, uids in steps:
                 examine = None
                 if will_be != (folder, True):
@@ -361,6 +366,8 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                     fetched = {uid: response[uid] for uid in uids if uid in response}
                     results.append(PipelinedFetch(fetched, None, None))
             start = end
+        if noop is not None:
+            imap._command_complete("NOOP", noop)  # answered before the first FETCH: no wait
         return results
 
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
@@ -429,6 +436,19 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         self.use_uid = True
         self.folder_encode = True
         self.normalise_times = True
+
+
+def after_noop(client: IMAPClient, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``client.<name>(*args, **kwargs)`` with a NOOP written right before it, in the same round
+    trip: the server answers the NOOP first, so a session that has had its folder selected for
+    a while sees other sessions' changes before the command runs (a session learns of them only
+    at its next command; Courier-IMAP loses keyword updates of sessions that STORE without
+    that). The NOOP's answer is read with the command's."""
+    imap = client._imap
+    tag = imap._command("NOOP")
+    result = getattr(client, name)(*args, **kwargs)
+    imap._command_complete("NOOP", tag)
+    return result
 
 
 def connect_client(

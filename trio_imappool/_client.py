@@ -37,7 +37,6 @@ from imapclient.response_parser import (
 )
 from imapclient.response_types import BodyData
 from imapclient.tls import IMAP4_TLS
-from imapclient.util import to_ints
 
 from ._config import PoolConfig, check_wire_text
 from ._errors import (
@@ -161,6 +160,14 @@ class _TLSIMAP4(_GreetingCapabilities, _ShownSocket, IMAP4_TLS):  # type: ignore
         self._show(secured)  # the handshake can stall too
         secured.do_handshake()
         return secured
+
+
+def _message_ids(messages: Any) -> set[int]:
+    """The UIDs a caller of ``fetch`` gave (an int, or an iterable of ints or digit strings),
+    as imapclient reads them."""
+    if isinstance(messages, int | str | bytes):
+        messages = [messages]
+    return {int(message) for message in messages}
 
 
 def parse_fetch_results(
@@ -391,8 +398,7 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         typ, answer = imap._command_complete("FETCH", tag)
         self._checkok("fetch", typ, answer)
         lines = imap.untagged_responses.pop("FETCH", [])
-        wanted = set(to_ints(messages))
-        return parse_fetch_results(lines, self.normalise_times, wanted)
+        return parse_fetch_results(lines, self.normalise_times, _message_ids(messages))
 
     def unselect_folder(self) -> Any:
         try:

@@ -224,8 +224,7 @@ class Pool:
             self._places[here] -= 1
         if to != "closed":
             self._places[to] += 1
-        slot.place = to
-        self._publish()
+        slot.place = to  # the caller publishes the counts when its step is done
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -371,23 +370,40 @@ class Pool:
             if self._closed:
                 self._release(slot)
                 raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
-            try:
-                with trio.move_on_at(deadline):
-                    idle_for = trio.current_time() - slot.last_used
-                    # Idle for long: make sure it still answers before handing it out.
-                    if idle_for > self.config.noop_check_after and not await self._noop_check(slot):
-                        self._release(slot)
-                        continue
-                    if want is not None:
-                        await self._select(slot, want)
-                    self._acquires += 1
-                    return slot
-            except BaseException:
-                self._release(slot)
-                raise
-            # The deadline passed during the check or the SELECT (which was interrupted).
+            # Idle for long: make sure it still answers before handing it out.
+            check = trio.current_time() - slot.last_used > self.config.noop_check_after
+            if (check or want is not None) and not await self._prepare(
+                slot, check, want, deadline, timeout
+            ):
+                continue
+            self._acquires += 1
+            self._publish()
+            return slot
+
+    async def _prepare(
+        self,
+        slot: PooledClient,
+        check: bool,
+        want: tuple[str, bool] | None,
+        deadline: float,
+        limit: float,
+    ) -> bool:
+        """The checkout's round trips, by its deadline: the NOOP check (False if it failed: the
+        connection went back, to be dropped) and the SELECT of *want*."""
+        try:
+            with trio.move_on_at(deadline):
+                if check and not await self._noop_check(slot):
+                    self._release(slot)
+                    return False
+                if want is not None:
+                    await self._select(slot, want)
+                return True
+        except BaseException:
             self._release(slot)
-            raise self._timed_out(timeout, str(self.statistics()))
+            raise
+        # The deadline passed during the check or the SELECT (which was interrupted).
+        self._release(slot)
+        raise self._timed_out(limit, str(self.statistics()))
 
     async def _select(self, slot: PooledClient, want: tuple[str, bool]) -> None:
         client = slot.client
@@ -697,6 +713,7 @@ class Pool:
     def _want_connections(self) -> None:
         """Start opening connections if tasks wait or min_size is not met. Synchronous."""
         if self._closed:
+            self._publish()
             return
         wanted = self._demand()
         probe = self._probe

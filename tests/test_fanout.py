@@ -23,7 +23,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from trio_util import AsyncValue
 
 from trio_imappool import Connection, Pool, PoolError, _fanout, open_pool
-from trio_imappool._client import PipelinedFetch
+from trio_imappool._client import PipelinedFetch, after_noop
 from trio_imappool._fanout import (
     FanOutError,
     Progress,
@@ -71,6 +71,20 @@ class Commands:
             return result
 
         monkeypatch.setattr(Connection, name, recording)
+        if name != "fetch":
+            # A write batch on a connection that had the folder selected runs the command
+            # with a NOOP pipelined before it, through run_sync.
+            plain_run_sync = Connection.run_sync
+
+            async def run_sync_after_noop(conn: Connection, fn: Any, *args: Any) -> Any:
+                if fn is not after_noop or args[0] != name:
+                    return await plain_run_sync(conn, fn, *args)
+                self.batches.append((conn.number, list(args[1][0])))
+                result = await plain_run_sync(conn, fn, *args)
+                self.done.value += 1
+                return result
+
+            monkeypatch.setattr(Connection, "run_sync", run_sync_after_noop)
         if name == "fetch":
             # fetch_many sends its FETCHes pipelined, a few batches in one thread hop.
             real_run_sync = Connection.run_sync

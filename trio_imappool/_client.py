@@ -283,8 +283,9 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
     ) -> list[PipelinedFetch]:
         """``UID FETCH`` batches of one or more folders in one round trip.
 
-        Each step is ``(folder, uids)``. A step whose folder is not the one selected read-only
-        before it (on the connection, or by the step before) is preceded by an EXAMINE. Every
+        Each step is ``(folder, uids)``. The first step, and every step whose folder is not the
+        one the step before examined, is preceded by an EXAMINE (also when the connection has
+        the folder selected: the EXAMINE makes the session current). Every
         command is written before any answer is read: IMAP lets a client pipeline commands, and
         the server runs them in order (RFC 9051 5.5), so EXAMINE A, FETCH A, EXAMINE B, FETCH B
         cost one round trip instead of four.
@@ -299,17 +300,18 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         imap = self._imap
         fields = seq_to_parenstr_upper(list(data))
         sent: list[tuple[str | None, str]] = []  # per step: the EXAMINE's tag or None, FETCH's
-        will_be = self.selected
+        will_be: tuple[str, bool] | None
         state = imap.state
         imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
-        noop = None
+        # The first folder is examined even when it is selected already: a session learns of
+        # other sessions' changes (messages appended since) only at its next command, and a
+        # NOOP pipelined before the FETCH is not enough, since Dovecot runs the FETCH beside
+        # the NOOP before the NOOP's sync is done (seen: the new UID's FETCH came back empty).
+        # An EXAMINE is a barrier, in the same round trip.
+        will_be = None
         try:
             # Untagged FETCH responses left by earlier commands are not this pipeline's.
             imap.untagged_responses.pop("FETCH", None)
-            if steps and will_be == (steps[0][0], True):
-                # The folder was selected by an earlier command: a NOOP first makes the session
-                # current (messages appended by other sessions since), in the same round trip.
-                noop = imap._command("NOOP")
             for folder, uids in steps:
                 examine = None
                 if will_be != (folder, True):
@@ -373,8 +375,6 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                     fetched = {uid: response[uid] for uid in uids if uid in response}
                     results.append(PipelinedFetch(fetched, None, None))
             start = end
-        if noop is not None:
-            imap._command_complete("NOOP", noop)  # answered before the first FETCH: no wait
         return results
 
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:

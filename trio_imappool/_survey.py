@@ -23,6 +23,7 @@ from pathlib import Path
 
 import trio
 
+from ._errors import connection_survives
 from ._export import (
     FolderFailure,
     ServerFolder,
@@ -50,7 +51,8 @@ class PlannedFolder:
     Attributes:
         server: The folder and its status (messages, UIDNEXT, UIDVALIDITY) as listed.
         local: Its directory name in a Maildir++ tree (``""`` for the destination itself).
-        size: The sum of its messages' sizes in bytes, or None when not asked for.
+        size: The sum of its messages' sizes in bytes, or None when not asked for (or when
+            the server refused the folder's STATUS).
         exported: Messages of its current UIDVALIDITY already in the destination (0 without
             one).
         new: Messages an export would fetch (the exporter's estimate from the status and the
@@ -129,8 +131,8 @@ def _plan_local(root: Path, servers: Sequence[ServerFolder]) -> list[PlannedFold
 
 async def _sizes(
     pool: Pool, folders: Sequence[ServerFolder], max_connections: int
-) -> tuple[dict[str, int], str]:
-    sizes = {f.name: 0 for f in folders}
+) -> tuple[dict[str, int | None], str]:
+    sizes: dict[str, int | None] = {f.name: 0 for f in folders}
     asked = [f for f in folders if f.messages > 0]
     if not asked:
         return sizes, "STATUS=SIZE"
@@ -140,9 +142,16 @@ async def _sizes(
         limiter = trio.CapacityLimiter(max_connections)
 
         async def status(name: str) -> None:
-            async with limiter, pool.connection() as conn:
-                answer = await conn.folder_status(name, ["SIZE"])
-            sizes[name] = int(answer.get(b"SIZE", 0))
+            try:
+                async with limiter, pool.connection() as conn:
+                    answer = await conn.folder_status(name, ["SIZE"])
+            except Exception as exc:
+                if not connection_survives(exc):
+                    raise
+                sizes[name] = None  # a NO or BAD for this folder: its size is unknown
+                return
+            size = answer.get(b"SIZE")
+            sizes[name] = size if isinstance(size, int) else None
 
         async with trio.open_nursery() as nursery:
             for folder in asked:
@@ -153,7 +162,7 @@ async def _sizes(
         async for name, _uid, data in results:
             value = data.get(b"RFC822.SIZE")
             if isinstance(value, int):
-                sizes[name] += value
+                sizes[name] = (sizes[name] or 0) + value
     return sizes, "RFC822.SIZE"
 
 

@@ -456,3 +456,43 @@ async def test_a_connection_with_unread_bytes_inside_imaplib_is_not_handed_out()
                 assert conn.number != first  # the first one was dropped at checkout
             stats = pool.statistics()
     assert stats.connections_discarded == 1, stats
+
+
+# -- folder names are never command syntax (hostile input, issue of the same review) -------------
+
+INJECTED = "INBOX\r\nX1 CREATE InjectedByFolder"
+
+
+async def test_a_folder_name_with_a_line_break_is_refused_before_anything_is_sent(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    from trio_imappool import ConfigurationError, add_flags_many, copy_many
+
+    with trio.fail_after(20):
+        async with open_pool(**account, max_size=1) as pool:
+            for name in (INJECTED, "a\nb", "a\x00b"):
+                with pytest.raises(ConfigurationError, match="line break"):
+                    pool.connection(name)
+                with pytest.raises(ConfigurationError):
+                    fetch_many(pool, {name: [1]}, ["BODY.PEEK[]"])
+                with pytest.raises(ConfigurationError):
+                    await add_flags_many(pool, {name: [1]}, [b"\\Seen"])
+                with pytest.raises(ConfigurationError):
+                    await copy_many(pool, {"INBOX": [1]}, name)
+                with pytest.raises(ConfigurationError):
+                    async with pool.idle(name):
+                        pass
+            async with pool.connection() as conn:
+                first = conn.number
+                # Every command's folder argument, through the connection itself.
+                with pytest.raises(ConfigurationError):
+                    await conn.select_folder(INJECTED)
+                with pytest.raises(ConfigurationError):
+                    await conn.create_folder(INJECTED)
+                with pytest.raises(ConfigurationError):
+                    await conn.folder_status(INJECTED, ["MESSAGES"])
+                await conn.noop()  # nothing was sent: the connection is in step
+                folders = [name for _, _, name in await conn.list_folders()]
+            async with pool.connection() as conn:
+                assert conn.number == first  # kept: the refusal came before the wire
+    assert not any("Injected" in name for name in folders), folders

@@ -437,6 +437,15 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             )
         return _PlainIMAP4(self.host, self.port, connect_timeout, self._on_socket)
 
+    def _normalise_folder(self, folder_name: str | bytes) -> Any:
+        # Every folder argument of every command passes here: one that holds CR, LF or NUL
+        # would end the command line and let the rest be read as a command of its own.
+        if isinstance(folder_name, bytes):
+            check_wire_text("a folder name", folder_name.decode("ascii", "replace"))
+        else:
+            check_wire_text("a folder name", folder_name)
+        return super()._normalise_folder(folder_name)
+
     def restore_defaults(self) -> None:
         """Undo attribute changes a previous user may have made (no I/O)."""
         self.use_uid = True

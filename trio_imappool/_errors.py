@@ -216,8 +216,9 @@ def connection_survives(exc: BaseException) -> bool:
     says the session is not usable (Microsoft 365's "User is authenticated but not connected")
     discards it too.
     """
-    if isinstance(exc, imap_exc.IMAPClientReadOnlyError):
-        # A subclass of abort, but raised before anything is sent: the mailbox is read-only.
+    if isinstance(exc, imap_exc.IMAPClientReadOnlyError | ConfigurationError):
+        # Raised before anything is sent: the mailbox is read-only, or an argument (a folder
+        # name with a line break) was refused.
         return True
     if isinstance(exc, imaplib.IMAP4.abort | imap_exc.ProtocolError | OSError | ssl.SSLError):
         return False

@@ -46,6 +46,7 @@ from imapclient import IMAPClient
 from trio_util import AsyncValue
 
 from ._client import PipelinedFetch, TrackingClient, after_noop
+from ._config import check_wire_text
 from ._errors import PoolError
 
 if TYPE_CHECKING:
@@ -227,6 +228,7 @@ def _normalise(folders: Mapping[str, Messages]) -> dict[str, Sequence[int] | _Se
     for folder, spec in folders.items():
         if not isinstance(folder, str):
             raise TypeError(f"folder names must be str, not {folder!r}")
+        check_wire_text("a folder name", folder)
         if isinstance(spec, str | bytes):
             plan[folder] = _Search(spec)
         elif isinstance(spec, range) and spec.step > 0 and (not spec or spec.start >= 1):
@@ -1063,6 +1065,7 @@ async def _transfer_many(
 ) -> None:
     if not isinstance(destination, str):
         raise TypeError(f"destination must be a folder name (str), not {destination!r}")
+    check_wire_text("the destination folder name", destination)
     fanout = _FanOut(
         pool,
         _normalise(messages),

@@ -23,7 +23,7 @@ from . import _fanout
 from . import _idle as _watching
 from ._budget import PoolPlaces, RedisBudget
 from ._client import PooledClient, TrackingClient
-from ._config import ConfigOptions, PoolConfig, PoolOptions
+from ._config import ConfigOptions, PoolConfig, PoolOptions, check_wire_text
 from ._connection import Connection
 from ._errors import (
     AuthenticationError,
@@ -311,6 +311,8 @@ class Pool:
             imapclient.exceptions.IMAPClientError: Selecting *folder* failed (it does not
                 exist, say); the connection went back to the pool.
         """
+        if folder is not None:
+            check_wire_text("the folder name", folder)
         return _Checkout(self, timeout, None if folder is None else (folder, readonly))
 
     async def run_sync(self, fn: Callable[[IMAPClient, *Ts], T], *args: *Ts) -> T:

@@ -25,12 +25,13 @@ Cyrus runs without one and its log goes to the system's syslog, if any.
 
 Stopping kills the server's process group with SIGKILL and waits until no member is left, so
 :meth:`CyrusServer.start` brings it back at once on the same ports with the same mail. Everything
-is synchronous and bounded in time; methods may be called from any thread.
+is synchronous and bounded in time; methods may be called from any thread. That life cycle, the
+readiness check and the client-side helpers are shared with Dovecot (``_server.ProcessServer``);
+this module holds what is Cyrus's own.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import os
@@ -42,25 +43,19 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import Protocol, TypeAlias
 
-from ._dovecot import (
-    DEFAULT_USERS,
+from ._dovecot import DovecotServer
+from ._server import (
     HOST,
-    DovecotServer,
-    _check_field,
-    _free_ports,
-    _group_alive,
-    _make_base_dir,
+    ProcessServer,
+    check_field,
+    process_alive,
+    run_in_new_folder,
+    user_map,
 )
-
-if TYPE_CHECKING:
-    import ssl
-
-    import trustme
 
 __all__ = [
     "DEFAULT_CYRUS_ROOT",
@@ -85,9 +80,6 @@ INSTALL_HINT = (
     f"dpkg -x cyrus-imapd_*.deb {DEFAULT_CYRUS_ROOT}"
 )
 _REALM = "localhost"
-_READY_POLL_INTERVAL = 0.02
-_STOP_TIMEOUT = 5.0
-_LOG_TAIL_BYTES = 4000
 # The device nodes a Cyrus process opens; bound into the namespace's private /dev.
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
@@ -216,7 +208,7 @@ class _SyslogListener:
         self._sock.close()
 
 
-class CyrusServer:
+class CyrusServer(ProcessServer):
     """One private Cyrus IMAP instance; use :func:`start_cyrus` to get one.
 
     Attributes:
@@ -231,12 +223,11 @@ class CyrusServer:
         delimiter: The hierarchy separator: ``"/"``, or ``"."`` without ``unixhierarchysep``.
     """
 
-    host: str
-    imap_port: int
-    imaps_port: int
-    ca: trustme.CA
-    base_dir: Path
-    log_path: Path
+    _product = "Cyrus"
+    _start_error = CyrusStartError
+    _poll_interval = 0.02
+    _ready_read_timeout = 3.0
+
     max_logins_per_user: int
     delimiter: str
 
@@ -256,28 +247,18 @@ class CyrusServer:
         unixhierarchysep: bool = True,
     ) -> None:
         # Private: start_cyrus() makes the folder and calls this.
-        import trustme
-
-        self.host = HOST
-        self.base_dir = base_dir
-        self.log_path = base_dir / "cyrus.log"
+        super().__init__(base_dir=base_dir, log_name="cyrus.log", ready_timeout=ready_timeout)
         self.max_logins_per_user = max_logins_per_user
         self._imapd = imapd
         self._master = master
-        self._ready_timeout = ready_timeout
         self._extra_config = extra_config
         self._idled = idled
         self._altnamespace = altnamespace
         self._unixhierarchysep = unixhierarchysep
         self.delimiter = "/" if unixhierarchysep else "."
-        self._users: dict[str, str] = {}
-        self._lock = threading.RLock()
-        self._process: subprocess.Popen[bytes] | None = None
         self._listener: _SyslogListener | None = None
-        self._closed = False
         self._user, self._uid, self._gid = _cyrus_ids()
         self._namespace = capture_log and _namespaces_work()
-        self.imap_port, self.imaps_port = _free_ports(2)
         self._config_dir = base_dir / "conf"
         self._sasldb = base_dir / "sasldb2"
         self._imapd_conf = base_dir / "imapd.conf"
@@ -285,12 +266,7 @@ class CyrusServer:
         # Where the namespace keeps the real /dev while its own covers it (made when needed).
         self._hostdev: Path | None = None
 
-        self.ca = trustme.CA()
-        cert = self.ca.issue_cert("localhost", HOST)
-        (base_dir / "cert.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
-        key_path = base_dir / "key.pem"
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(cert.private_key_pem.bytes())
+        self._issue_certificate(("localhost", HOST))
         for sub in ("conf", "spool", "run"):
             (base_dir / sub).mkdir(mode=0o750)
         # What Cyrus's mkimap would make: it does not create these itself.
@@ -301,77 +277,16 @@ class CyrusServer:
         self._write_config()
         self._chown_tree()
 
-    # -- public properties -------------------------------------------------------------------
-
-    @property
-    def users(self) -> dict[str, str]:
-        """User name -> password, in the order they were added (a copy)."""
-        return dict(self._users)
-
-    @property
-    def username(self) -> str:
-        """The first user's name."""
-        return next(iter(self._users))
-
-    @property
-    def password(self) -> str:
-        """The first user's password."""
-        return self._users[self.username]
-
-    @property
-    def running(self) -> bool:
-        """Whether the Cyrus master process is alive."""
-        return self._process is not None and self._process.poll() is None
+    # -- the log -----------------------------------------------------------------------------
 
     @property
     def log_captured(self) -> bool:
         """Whether :attr:`log_path` receives Cyrus's syslog lines (root only)."""
         return self._namespace
 
-    def __repr__(self) -> str:
-        state = "running" if self.running else ("closed" if self._closed else "stopped")
-        return (
-            f"<CyrusServer {state} {self.host} imap={self.imap_port} "
-            f"imaps={self.imaps_port} users={len(self._users)} dir={self.base_dir}>"
-        )
-
-    # -- client-side helpers -----------------------------------------------------------------
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A new client-side context that trusts only this server's CA."""
-        import ssl
-
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        self.ca.configure_trust(context)
-        return context
-
-    def pool_kwargs(self, user: str | None = None, *, tls: bool = True) -> dict[str, Any]:
-        """Connection settings for a user, as keyword arguments (as
-        :meth:`DovecotServer.pool_kwargs <trio_imappool.testing.DovecotServer.pool_kwargs>`).
-
-        Raises:
-            KeyError: No such user.
-        """
-        name = self.username if user is None else user
-        return {
-            "host": self.host,
-            "port": self.imaps_port if tls else self.imap_port,
-            "username": name,
-            "password": self._users[name],
-            "ssl": tls,
-            "ssl_context": self.ssl_context() if tls else None,
-        }
-
-    def log_tail(self, max_bytes: int = _LOG_TAIL_BYTES) -> str:
-        """The end of Cyrus's log (about ``max_bytes``), for error messages."""
-        note = "" if self._namespace else _NOT_CAPTURED
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - max_bytes))
-                return note + log.read().decode("utf-8", "replace")
-        except OSError as exc:
-            return f"{note}(no log: {exc})"
+    def _log_note(self) -> str:
+        # log_tail() says when the log lacks Cyrus's own lines.
+        return "" if self._namespace else _NOT_CAPTURED
 
     # -- users -------------------------------------------------------------------------------
 
@@ -385,8 +300,8 @@ class CyrusServer:
             self._add_user(name, password)
 
     def _add_user(self, name: str, password: str) -> None:
-        _check_field("user name", name)
-        _check_field("password", password)
+        check_field("user name", name)
+        check_field("password", password)
         if any(c in name for c in "/.@ ") or not name.isascii():
             raise ValueError(f"user name {name!r}: use ASCII letters, digits, '-' or '_'")
         subprocess.run(
@@ -462,6 +377,11 @@ DAEMON {{
     # -- life cycle --------------------------------------------------------------------------
 
     def _command(self) -> list[str]:
+        if self._namespace and self._listener is None:
+            # The /dev/log of the namespace below points at this socket.
+            self._listener = _SyslogListener(
+                self.base_dir / "syslog.sock", self.log_path, self._uid, self._gid
+            )
         master = [
             self._master,
             "-D",
@@ -509,106 +429,18 @@ DAEMON {{
                 stopped and the message has the end of its log.
             RuntimeError: The server was closed.
         """
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self!r} is closed: start a new one")
-            if self.running:
-                return
-            self._clean_runtime_files()
-            if self._namespace and self._listener is None:
-                self._listener = _SyslogListener(
-                    self.base_dir / "syslog.sock", self.log_path, self._uid, self._gid
-                )
-            with self.log_path.open("ab") as log:
-                self._process = subprocess.Popen(
-                    self._command(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,  # its own process group: stop() kills it whole
-                )
-            _live_servers.add(self)
-            try:
-                self._wait_ready()
-            except BaseException:
-                self.stop()
-                raise
+        self._start()
 
-    def _wait_ready(self) -> None:
-        import imapclient
-        from imapclient.imapclient import SocketTimeout
+    def _config_file(self) -> Path:
+        return self._imapd_conf
 
-        deadline = time.monotonic() + self._ready_timeout
-        last_error: BaseException | None = None
-        while True:
-            assert self._process is not None
-            code = self._process.poll()
-            if code is not None:
-                raise CyrusStartError(
-                    f"Cyrus exited with status {code} while starting (config "
-                    f"{self._imapd_conf}); end of its log:\n{self.log_tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CyrusStartError(
-                    f"Cyrus was not ready within {self._ready_timeout} s (last error: "
-                    f"{last_error!r}); end of its log:\n{self.log_tail()}"
-                )
-            try:
-                timeout = SocketTimeout(connect=min(1.0, remaining), read=min(3.0, remaining))
-                with imapclient.IMAPClient(
-                    self.host, self.imap_port, ssl=False, timeout=timeout
-                ) as client:
-                    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    client.login(self.username, self.password)
-                    client.select_folder("INBOX")
-                socket.create_connection((self.host, self.imaps_port), timeout=1.0).close()
-                break
-            except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-                last_error = exc
-            time.sleep(_READY_POLL_INTERVAL)
-        # The check's session ends a moment after its LOGOUT: wait (briefly) so that
-        # connections() counts only the caller's own.
-        settle = time.monotonic() + 1.0
-        while self.connections(self.username) and time.monotonic() < settle:
-            time.sleep(_READY_POLL_INTERVAL)
-
-    def stop(self) -> None:
-        """Stop Cyrus at once (SIGKILL to its process group). Every client connection drops;
-        mail and users are kept. Does nothing if stopped."""
-        with self._lock:
-            process, self._process = self._process, None
-            _live_servers.discard(self)
-            if process is None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=_STOP_TIMEOUT)
-            deadline = time.monotonic() + _STOP_TIMEOUT
-            while _group_alive(process.pid) and time.monotonic() < deadline:
-                time.sleep(0.001)
-            self._clean_runtime_files()
-
-    def restart(self) -> None:
-        """:meth:`stop`, then :meth:`start` (same ports, same mail)."""
-        with self._lock:
-            self.stop()
-            self.start()
-
-    def close(self) -> None:
-        """Stop Cyrus and remove :attr:`base_dir`. Idempotent; the server cannot restart."""
-        with self._lock:
-            if self._closed:
-                return
-            self.stop()
-            self._closed = True
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            if self._hostdev is not None:
-                with contextlib.suppress(OSError):
-                    self._hostdev.rmdir()
+    def _release(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._hostdev is not None:
+            with contextlib.suppress(OSError):
+                self._hostdev.rmdir()
 
     def _clean_runtime_files(self) -> None:
         # Session records (proc files), locks, sockets and the pid file of the last run.
@@ -632,7 +464,7 @@ DAEMON {{
                 except OSError:
                     continue
                 pid = int(entry.name)
-                if len(fields) > 2 and fields[2] and _alive(pid):
+                if len(fields) > 2 and fields[2] and process_alive(pid):
                     sessions.append((pid, fields[2]))
         return sessions
 
@@ -655,43 +487,15 @@ DAEMON {{
         """
         if not self.running:
             raise RuntimeError(f"{self!r} is not running")
-        deadline = time.monotonic() + 5.0
-        while sessions := [pid for pid, name in self._sessions() if name == user]:
+
+        def gone() -> bool:
+            sessions = [pid for pid, name in self._sessions() if name == user]
             for pid in sessions:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{user}'s connections survived a kick: {self.log_tail()}")
-            time.sleep(_READY_POLL_INTERVAL)
+            return not sessions
 
-    # -- context manager ---------------------------------------------------------------------
-
-    def __enter__(self) -> CyrusServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-# Strong references: a running server must not be garbage-collected before it is stopped.
-_live_servers: set[CyrusServer] = set()
-
-
-@atexit.register
-def _stop_leftover_servers() -> None:
-    for server in list(_live_servers):
-        with contextlib.suppress(Exception):
-            server.close()
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+        self._wait_kicked(user, gone)
 
 
 @contextlib.contextmanager
@@ -737,16 +541,14 @@ def start_cyrus(
         ValueError: ``users`` is empty or holds a name or password that cannot be stored.
     """
     imapd, master = find_cyrus(cyrus_root)
-    user_map = dict(DEFAULT_USERS if users is None else users)
-    if not user_map:
-        raise ValueError("start_cyrus() needs at least one user")
+    all_users = user_map(users, "start_cyrus")
     if max_logins_per_user < 0:
         raise ValueError("max_logins_per_user must be 0 (no limit) or more")
-    base_dir = _make_base_dir(root_dir)
-    try:
-        server = CyrusServer(
+
+    def make(base_dir: Path) -> CyrusServer:
+        return CyrusServer(
             base_dir=base_dir,
-            users=user_map,
+            users=all_users,
             max_logins_per_user=max_logins_per_user,
             extra_config=extra_config,
             imapd=imapd,
@@ -757,11 +559,8 @@ def start_cyrus(
             altnamespace=altnamespace,
             unixhierarchysep=unixhierarchysep,
         )
-    except BaseException:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        raise
-    with server:
-        server.start()
+
+    with run_in_new_folder(root_dir, make) as server:
         yield server
 
 

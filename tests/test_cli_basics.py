@@ -367,3 +367,38 @@ def test_readme_and_help_name_the_same_new_flags_and_commands(
     ]:
         assert flag in helps[where], (flag, where)
         assert flag in text, flag
+
+
+# -- under a personal namespace (Courier's INBOX.) -----------------------------------------------
+
+
+async def test_under_a_namespace_the_survey_names_and_plans_as_the_export_does(
+    tmp_path: Path,
+) -> None:
+    from trio_imappool import export_maildir
+    from trio_imappool.testing import open_scripted_server
+
+    from .test_export_namespace import courier_account
+
+    root = tmp_path / "Mail"
+    async with open_scripted_server(courier_account()) as server:
+        with trio.fail_after(30):
+            async with open_pool(**server.pool_kwargs(), max_size=2) as pool:
+                bare = await survey(pool, None, sizes=False)
+                planned = await survey(pool, root, sizes=False, folders=["Archive/*", "Sent"])
+                assert not root.exists()  # planning wrote nothing
+                result = await export_maildir(
+                    pool, root, fsync=False, folders=["Archive/*", "Sent"]
+                )
+
+    assert {f.server.name: f.local for f in bare.folders} == {
+        "INBOX": "",
+        "INBOX.Archive": ".Archive",
+        "INBOX.Archive.2024": ".Archive.2024",
+        "INBOX.Sent": ".Sent",
+        "shared.team": ".shared.team",
+    }
+    assert {f.server.name: (f.local, f.new) for f in planned.folders} == {
+        f.name: (f.path.name, f.fetched) for f in result.folders
+    }
+    assert sum(f.new or 0 for f in planned.folders) == result.messages_fetched == 4

@@ -2,7 +2,8 @@
 
 The ``trio-imappool folders`` command and ``export --dry-run`` are built on :func:`survey`: it
 lists the folders with their status exactly as :func:`~trio_imappool.export_maildir` does (the
-same LIST-STATUS round trip, the same folder choice and the same unusable-name checks), and,
+same NAMESPACE and LIST-STATUS round trips, the same folder choice relative to the personal
+namespace, and the same unusable-name checks), and,
 for a destination, reads that Maildir's message files and state files and plans each folder
 with the exporter's own planning rule (``_plan``), so that the count shown is the count an
 export starts with. Unlike the exporter it creates no directory, takes no lock, cleans no
@@ -28,11 +29,10 @@ from ._export import (
     FolderFailure,
     ServerFolder,
     _assign_paths,
-    _choose,
     _Folder,
-    _matches,
     _plan,
     _same_folder,
+    _select,
     _server_folders,
     local_folder_name,
     parse_message_filename,
@@ -196,15 +196,12 @@ async def survey(
     **Cancellation**: a checkpoint; a cancellation interrupts the commands in flight.
     """
     await trio.lowlevel.checkpoint()
-    listed, failures = await _server_folders(pool)
-    chosen = _choose(listed, folders, exclude)
-    failures = [
-        f
-        for f in failures
-        if (folders is None or _matches(f.name, folders)) and not _matches(f.name, exclude)
-    ]
+    namespace, listed, failures = await _server_folders(pool)
+    chosen, failures = _select(namespace, listed, failures, folders, exclude)
     if destination is None:
-        planned = [PlannedFolder(f, local_folder_name(f.name, f.delimiter)) for f in chosen]
+        planned = [
+            PlannedFolder(f, local_folder_name(f.name, f.delimiter, f.namespace)) for f in chosen
+        ]
     else:
         planned = await trio.to_thread.run_sync(_plan_local, Path(destination), chosen)
     source = None

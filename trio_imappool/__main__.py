@@ -939,13 +939,16 @@ def _escaping_help() -> str:
     for name, delimiter in _ESCAPING_EXAMPLES:
         local = local_folder_name(name, delimiter) or "(MAILDIR itself: cur/, new/, tmp/)"
         lines.append(f"  {name:<14} delimiter {delimiter!r}  ->  {local}")
+    courier = local_folder_name("INBOX.Archive", ".", "INBOX.")
+    lines.append(f"  {'INBOX.Archive':<14} delimiter '.'  ->  {courier}  (namespace INBOX.)")
     lines.append(
         _wrap(
             "Each other folder is '.' and the parts of its name (split at the server's "
             "delimiter) joined with '.'; in a part, '%', '.', '/' and control characters are "
             "written %XX (hex), everything else (non-ASCII included) is kept. A name over 200 "
             "bytes is cut and ends with %~ and 16 hex digits of a hash; two folders that would "
-            "share a directory never do (the second gets the %~ suffix)."
+            "share a directory never do (the second gets the %~ suffix). Names are taken "
+            "relative to the server's personal namespace (Courier's INBOX. prefix is dropped)."
         )
     )
     return "\n".join(lines)

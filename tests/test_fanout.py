@@ -236,9 +236,11 @@ async def test_searched_folders_are_fetched_on_the_connection_that_searched(
             progress = results.progress
         stats = pool.statistics()
     assert got == [("A", uid, 600) for uid in range(5, 25)]
-    assert fetches.sizes == [10, 10]
-    assert progress == Progress(20, 20, 0, 2, 2, 2, 2)
-    # One connection did it all: SEARCH A, SEARCH B, then A's batches, without a new checkout
+    # A's two batches, and B's "ALL": no search, its first UID range (1:10) sent with its
+    # EXAMINE, which says that the folder is empty.
+    assert sorted(fetches.sizes) == [10, 10, 10]
+    assert progress == Progress(20, 20, 0, 3, 3, 2, 2)
+    # One connection did it all: SEARCH A, B's range, then A's batches, without a new checkout
     # between batches of the same folder.
     assert stats.connections_opened == 1
     assert stats.acquires <= 3
@@ -351,7 +353,13 @@ async def test_pipelined_fetches_write_every_command_before_reading_an_answer(
         # FETCHes of A at once and mix their answers: each batch still gets its own).
         for (folder, batch), outcome in zip(steps, outcomes, strict=True):
             await conn.select_folder(folder, readonly=True)
-            assert outcome == PipelinedFetch(await conn.fetch(batch, BODY), None, None)
+            assert outcome._replace(examined=None) == PipelinedFetch(
+                await conn.fetch(batch, BODY), None, None
+            )
+            # The first step of each folder had the EXAMINE, and says what it said.
+            examined = outcome.examined
+            assert (examined is not None) == (batch in (a[:3], b))
+            assert examined is None or examined[b"EXISTS"] == len(uids[folder])
             assert sorted(outcome.fetched or {}) == batch
 
 

@@ -22,18 +22,23 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import trio
 from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import ProtocolError
 from imapclient.imap4 import IMAP4WithTimeout
-from imapclient.imapclient import join_message_ids, seq_to_parenstr_upper
+from imapclient.imapclient import (
+    _normalise_search_criteria,
+    join_message_ids,
+    seq_to_parenstr_upper,
+)
 from imapclient.response_parser import (
     _convert_ENVELOPE,
     _convert_INTERNALDATE,
     gen_parsed_response,
+    parse_message_list,
 )
 from imapclient.response_types import BodyData
 from imapclient.tls import IMAP4_TLS
@@ -164,7 +169,7 @@ class _TLSIMAP4(_GreetingCapabilities, _ShownSocket, IMAP4_TLS):  # type: ignore
 
 
 def parse_fetch_results(
-    lines: list[Any], normalise_times: bool, wanted: set[int] | None
+    lines: list[Any], normalise_times: bool, wanted: Container[int] | None
 ) -> dict[int, dict[bytes, Any]]:
     """The messages in the untagged FETCH responses of a ``UID FETCH``, by UID.
 
@@ -226,12 +231,55 @@ def _fetch_value(word: bytes, value: Any, normalise_times: bool) -> Any:
     return value
 
 
+class _Wanted:
+    """Membership in any of several UID collections (lists or ranges), without copying them."""
+
+    __slots__ = ("_ranges", "_set")
+
+    def __init__(self, parts: Sequence[Sequence[int]]) -> None:
+        self._ranges = [part for part in parts if isinstance(part, range)]
+        self._set = {uid for part in parts if not isinstance(part, range) for uid in part}
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._set or any(uid in part for part in self._ranges)
+
+
 class PipelinedFetch(NamedTuple):
     """The outcome of one step of :meth:`TrackingClient.fetch_pipelined`."""
 
     fetched: dict[int, dict[bytes, Any]] | None
     error: Exception | None
     command: Literal["select", "fetch"] | None  # the command that failed
+    #: What the EXAMINE sent for this step said (``b"EXISTS"``, ``b"UIDNEXT"`` ...), as
+    #: imapclient's ``select_folder`` returns it; None where the step had no EXAMINE.
+    examined: dict[bytes, Any] | None = None
+
+
+def message_set(uids: Sequence[int]) -> bytes:
+    """UIDs as an IMAP message set: a ``range`` as ``first:last``, anything else listed."""
+    if isinstance(uids, range) and uids.step == 1 and uids:
+        return b"%d:%d" % (uids.start, uids.stop - 1)
+    joined: bytes = join_message_ids(uids)
+    return joined
+
+
+def _esearch_uids(lines: list[Any]) -> list[int] | None:
+    """The UIDs of an ESEARCH answer's ``ALL`` (RFC 4731), or None if it has none."""
+    for line in lines:
+        if not isinstance(line, bytes):
+            continue
+        words = line.split()
+        for index, word in enumerate(words[:-1]):
+            if word.upper() == b"ALL":
+                uids: list[int] = []
+                for part in words[index + 1].split(b","):
+                    low, _, high = part.partition(b":")
+                    first, last = int(low), int(high or low)
+                    if first > last:
+                        first, last = last, first
+                    uids.extend(range(first, last + 1))
+                return uids
+    return None
 
 
 def _failure(command: str, typ: str, answer: list[Any]) -> Exception:
@@ -273,11 +321,15 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         steps: Sequence[tuple[str, Sequence[int]]],
         data: Sequence[str | bytes],
         reading: list[int] | None = None,
+        fresh: Container[int] = (),
     ) -> list[PipelinedFetch]:
         """``UID FETCH`` batches of one or more folders in one round trip.
 
-        Each step is ``(folder, uids)``. A step whose folder is not the one selected read-only
-        before it (on the connection, or by the step before) is preceded by an EXAMINE. Every
+        Each step is ``(folder, uids)``; *uids* may be a ``range``, sent as ``first:last``
+        (UIDs that do not exist are simply not returned). A step whose folder is not the one
+        selected read-only before it (on the connection, or by the step before), or whose index
+        is in *fresh*, is preceded by an EXAMINE; what the EXAMINE said is in the step's
+        ``examined``. Every
         command is written before any answer is read: IMAP lets a client pipeline commands, and
         the server runs them in order (RFC 9051 5.5), so EXAMINE A, FETCH A, EXAMINE B, FETCH B
         cost one round trip instead of four.
@@ -298,17 +350,15 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         try:
             # Untagged FETCH responses left by earlier commands are not this pipeline's.
             imap.untagged_responses.pop("FETCH", None)
-            for folder, uids in steps:
+            for number, (folder, uids) in enumerate(steps):
                 examine = None
-                if will_be != (folder, True):
+                if will_be != (folder, True) or number in fresh:
                     if not sent:
                         imap.untagged_responses = {}  # as imaplib's select() does
                     imap.is_readonly = True
                     examine = imap._command("EXAMINE", self._normalise_folder(folder))
                     will_be = (folder, True)
-                sent.append(
-                    (examine, imap._command("UID", "FETCH", join_message_ids(uids), fields))
-                )
+                sent.append((examine, imap._command("UID", "FETCH", message_set(uids), fields)))
         finally:
             imap.state = state
         results: list[PipelinedFetch] = []
@@ -325,9 +375,12 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             failed: dict[int, PipelinedFetch] = {}
             if reading is not None:
                 reading[0] = start
+            examined = None
             if examine is not None:
                 self.selected = None
                 typ, answer = imap._command_complete("EXAMINE", examine)
+                if typ == "OK":
+                    examined = self._process_select_response(imap.untagged_responses)
                 imap.untagged_responses.clear()  # what EXAMINE said; the FETCHes' come next
                 if typ == "OK":
                     imap.state = "SELECTED"
@@ -351,17 +404,90 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                     failed[index] = PipelinedFetch(None, _failure("fetch", typ, answer), "fetch")
             # Only responses with a UID asked for are results: unsolicited ones (other
             # sessions' flag changes, without a UID) are dropped, never merged.
-            wanted = {uid for index in range(start, end) for uid in steps[index][1]}
+            wanted = _Wanted([steps[index][1] for index in range(start, end)])
             response = parse_fetch_results(lines, self.normalise_times, wanted)
             for index in range(start, end):
                 if index in failed:
                     results.append(failed[index])
                 else:
                     uids = steps[index][1]
-                    fetched = {uid: response[uid] for uid in uids if uid in response}
-                    results.append(PipelinedFetch(fetched, None, None))
+                    if isinstance(uids, range):
+                        fetched = {uid: data for uid, data in response.items() if uid in uids}
+                    else:
+                        fetched = {uid: response[uid] for uid in uids if uid in response}
+                    results.append(
+                        PipelinedFetch(fetched, None, None, examined if index == start else None)
+                    )
             start = end
         return results
+
+    def select_and_search(
+        self, folder: str, readonly: bool, criteria: Any, charset: str | None = None
+    ) -> tuple[list[int] | None, Exception | None, Literal["select", "search"] | None]:
+        """SELECT (or EXAMINE) *folder* and ``UID SEARCH`` it, in one round trip.
+
+        Both commands are written before either answer is read (RFC 9051 5.5). Where the
+        server has ESEARCH (RFC 4731) the search asks for ``RETURN (ALL)``, whose answer lists
+        the UIDs as ranges. Criteria that would need a literal (non-ASCII, or a *charset*) take
+        imapclient's own two round trips instead.
+
+        Returns the UIDs found (ascending), or the error of a NO or BAD answer and the command
+        that got it. Errors that leave the session in doubt are raised.
+        """
+        args = _normalise_search_criteria(criteria, charset)
+        if charset or any(not arg.isascii() or b"\r" in arg or b"\n" in arg for arg in args):
+            try:
+                self.select_folder(folder, readonly)
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as exc:
+                return None, exc, "select"
+            try:
+                return sorted({int(uid) for uid in self.search(criteria, charset)}), None, None
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as exc:
+                return None, exc, "search"
+        imap = self._imap
+        esearch = self.has_capability("ESEARCH")
+        if esearch:
+            args = [b"RETURN", b"(ALL)", *args]
+        state = imap.state
+        imap.state = "SELECTED"
+        try:
+            imap.untagged_responses = {}
+            imap.is_readonly = readonly
+            name = "EXAMINE" if readonly else "SELECT"
+            select = imap._command(name, self._normalise_folder(folder))
+            search = imap._command("UID", "SEARCH", *args)
+        finally:
+            imap.state = state
+        self.selected = None
+        typ, answer = imap._command_complete(name, select)
+        error: Exception | None = None
+        if typ == "OK":
+            imap.state = "SELECTED"
+            self.selected = (folder, readonly)
+        else:
+            imap.state = "AUTH"
+            error = _failure("select", typ, answer)
+        imap.untagged_responses.clear()
+        try:
+            typ, answer = imap._command_complete("SEARCH", search)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+            typ, answer = "BAD", [str(exc).encode()]
+        if error is not None:
+            return None, error, "select"
+        if typ != "OK":
+            return None, _failure("search", typ, answer), "search"
+        untagged = imap.untagged_responses
+        found = _esearch_uids(untagged.pop("ESEARCH", [])) if esearch else None
+        if found is None:
+            lines = [x for x in untagged.pop("SEARCH", []) if x is not None]
+            found = parse_message_list(lines) if lines else []
+        return sorted({int(uid) for uid in found}), None, None
 
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
         """imapclient's ``fetch``, but a message's data is only what the server sent for it.

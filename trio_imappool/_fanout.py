@@ -164,6 +164,7 @@ class _Tracker:
         self._messages = self._bytes = self._batches = self._folders_done = 0
         self._missing = 0
         self._left: dict[str, int] = {}  # folder -> batches not done yet
+        self._final: set[str] = set()  # folders whose every batch is known
         self.value: Final = AsyncValue(Progress(None, 0, 0, None, 0, folders, 0))
 
     def _publish(self) -> None:
@@ -179,19 +180,30 @@ class _Tracker:
             self._missing,
         )
 
-    def planned(self, folder: str, messages: int, batches: int) -> None:
-        """A folder's work is known: *messages* in *batches*."""
-        self._unplanned -= 1
+    def planned(self, folder: str, messages: int, batches: int, *, final: bool = True) -> None:
+        """More of a folder's work is known: *messages* in *batches*; with *final*, all of it
+        (a folder whose first batch was sent before its size was known is planned twice)."""
         self._messages_total += messages
         self._batches_total += batches
-        if batches:
-            self._left[folder] = batches
-        else:
-            self._folders_done += 1
+        left = self._left.get(folder, 0) + batches
+        if left:
+            self._left[folder] = left
+        if final:
+            self._unplanned -= 1
+            self._final.add(folder)
+            if not left:
+                self._folders_done += 1
         self._publish()
 
     def done(
-        self, folder: str, messages: int, size: int, *, batch_done: bool, missing: int = 0
+        self,
+        folder: str,
+        messages: int,
+        size: int,
+        *,
+        batch_done: bool,
+        missing: int = 0,
+        publish: bool = True,
     ) -> None:
         """*messages* of *folder* (of *size* bytes, *missing* of them skipped) are done, and
         maybe their batch."""
@@ -203,8 +215,10 @@ class _Tracker:
             self._left[folder] -= 1
             if not self._left[folder]:
                 del self._left[folder]
-                self._folders_done += 1
-        self._publish()
+                if folder in self._final:
+                    self._folders_done += 1
+        if publish:
+            self._publish()
 
 
 # -- planning: the caller's folders, checked before anything starts ----------------------------
@@ -213,6 +227,18 @@ class _Tracker:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Search:
     criteria: Criteria
+    #: Only UIDs above this count (a search for what a folder's first range did not cover).
+    above: int = 0
+
+
+def _is_all(criteria: Criteria) -> bool:
+    """Whether criteria are just ``ALL``: fetched by UID range, with no search."""
+    if isinstance(criteria, bytes):
+        criteria = criteria.decode("ascii", "replace")
+    if isinstance(criteria, str):
+        return criteria.strip().upper() == "ALL"
+    items = list(criteria)
+    return len(items) == 1 and isinstance(items[0], str | bytes) and _is_all(items[0])
 
 
 def _is_uid(value: object) -> bool:
@@ -293,6 +319,9 @@ class _Work:
     folder: str
     uids: Sequence[int] = ()
     search: _Search | None = None
+    #: The first UID range of a folder fetched as "ALL", sent with a fresh EXAMINE whose
+    #: UIDNEXT and EXISTS plan the rest of the folder.
+    probe: bool = False
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -302,6 +331,8 @@ class _Delivery:
     folder: str
     messages: collections.deque[tuple[int, dict[bytes, Any]]]
     skipped: int
+    #: What the batch's EXAMINE said (only where the batch had one).
+    examined: dict[bytes, Any] | None = None
 
 
 # Runs one batch on a connection that has the batch's folder selected; a delivery for the
@@ -370,26 +401,67 @@ class _FanOut:
         self._batches: dict[str, collections.deque[_Work]] = {}
         self._busy: collections.Counter[str] = collections.Counter()
         self._searching = 0
+        self._probing = 0
         self._changed = trio.Event()
         for folder, spec in plan.items():
-            if isinstance(spec, _Search):
+            if isinstance(spec, _Search) and run_pipelined is not None and _is_all(spec.criteria):
+                # No search: the first range goes now, with an EXAMINE that tells the rest.
+                probe = _Work(folder, range(1, batch_size + 1), probe=True)
+                self._batches[folder] = collections.deque([probe])
+                self._probing += 1
+                self.tracker.planned(folder, 0, 1, final=False)
+            elif isinstance(spec, _Search):
                 self._searches.append(_Work(folder, search=spec))
             else:
                 self._plan(folder, spec)
 
     # -- decisions (synchronous) --
 
-    def _plan(self, folder: str, uids: Sequence[int]) -> None:
+    def _plan(self, folder: str, uids: Sequence[int], *, already: int = 0) -> None:
         size = self._batch_size
         if self._run_batch is None and self._run_pipelined is None:  # search only
             self.tracker.planned(folder, len(uids), 0)
         else:
             batches = [_Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
             if batches:
-                self._batches[folder] = collections.deque(batches)
-            self.tracker.planned(folder, len(uids), len(batches))
+                self._batches.setdefault(folder, collections.deque()).extend(batches)
+            self.tracker.planned(folder, already + len(uids), len(batches))
+        self._wake()
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def _planned_after_probe(self, probe: _Work, delivery: _Delivery) -> None:
+        """Plan the rest of a folder fetched as "ALL" from what its first range's EXAMINE
+        said: UID ranges up to UIDNEXT where the UIDs are dense, else a search for the UIDs
+        above the first range (a folder whose old messages were expunged)."""
+        assert isinstance(probe.uids, range)
+        folder, start = probe.folder, probe.uids.stop
+        examined = delivery.examined or {}
+        returned = len(delivery.messages) + delivery.skipped
+        exists, uidnext = examined.get(b"EXISTS"), examined.get(b"UIDNEXT")
+        self._probing -= 1
+        known = isinstance(exists, int) and isinstance(uidnext, int)
+        if not known:  # the server did not say: search
+            exists = uidnext = 0
+        assert isinstance(exists, int) and isinstance(uidnext, int)
+        left = exists - returned
+        if known and left <= 0:
+            self.tracker.planned(folder, returned, 0)
+        elif known and uidnext - start <= 2 * left + self._batch_size:
+            size = self._batch_size
+            batches = [
+                _Work(folder, range(low, min(low + size, uidnext)))
+                for low in range(start, uidnext, size)
+            ]
+            self._batches.setdefault(folder, collections.deque()).extend(batches)
+            self.tracker.planned(folder, returned + left, len(batches))
+        else:
+            self.tracker.planned(folder, returned, 0, final=False)
+            search = _Search(["UID", f"{start}:*"], above=start - 1)
+            self._searches.append(_Work(folder, search=search))
+        self._wake()
 
     def _take(self, prefer: str | None, *, searches: bool = True) -> _Work | None:
         """The next work for a worker whose connection has *prefer* selected: more of the
@@ -436,7 +508,7 @@ class _FanOut:
 
     def _finished(self) -> bool:
         """Whether no more work can appear (no search is pending or running)."""
-        return not self._searches and not self._searching
+        return not self._searches and not self._searching and not self._probing
 
     def _fail(self, cursor: _Cursor, exc: Exception) -> None:
         work = cursor.work
@@ -511,15 +583,14 @@ class _FanOut:
                 cursor.step = "select"
                 if work.search is None and self._run_pipelined is not None:
                     work = await self._run_pipeline(conn, work, cursor, undelivered)
+                elif work.search is not None:
+                    await self._search(conn, work.folder, work.search, cursor)
+                    self._busy[work.folder] -= 1
                 else:
-                    await self._select(conn, work.folder, fresh=work.search is not None)
+                    await self._select(conn, work.folder, fresh=False)
                     cursor.step = "command"
-                    if work.search is not None:
-                        await self._search(conn, work.folder, work.search)
-                        self._busy[work.folder] -= 1
-                    else:
-                        assert self._run_batch is not None
-                        self._batch_done(work, await self._run_batch(conn, work), undelivered)
+                    assert self._run_batch is not None
+                    self._batch_done(work, await self._run_batch(conn, work), undelivered)
                 following = self._take(work.folder)
                 if (
                     undelivered
@@ -555,6 +626,8 @@ class _FanOut:
                 assert outcome.error is not None
                 cursor.step = "select" if outcome.command == "select" else "command"
                 raise outcome.error
+            if done.probe:
+                self._planned_after_probe(done, outcome)
             self._batch_done(done, outcome, undelivered)
         cursor.step = "command"
         return works[-1]
@@ -585,12 +658,33 @@ class _FanOut:
             return
         await conn.select_folder(folder, readonly=self._mode != "read-write")
 
-    async def _search(self, conn: Connection, folder: str, search: _Search) -> None:
-        found = await conn.search(search.criteria, self._charset)
-        uids = sorted({int(uid) for uid in found})
+    async def _search(
+        self, conn: Connection, folder: str, search: _Search, cursor: _Cursor
+    ) -> None:
+        """SELECT the folder afresh and search it, both in one round trip: a SEARCH on a
+        connection that has had the folder selected for a while may answer from its old view
+        (Dovecot syncs changes made by other connections only after a SELECT)."""
+        readonly = self._mode != "read-write"
+        uids, error, command = await conn.run_sync(
+            _select_and_search, folder, readonly, search.criteria, self._charset
+        )
+        if error is not None:
+            cursor.step = "select" if command == "select" else "command"
+            raise error
+        assert uids is not None
+        cursor.step = "command"
+        if search.above:
+            uids = [uid for uid in uids if uid > search.above]
         self.found[folder] = uids
         self._searching -= 1
         self._plan(folder, uids)
+
+
+def _select_and_search(
+    client: IMAPClient, folder: str, readonly: bool, criteria: Criteria, charset: str | None
+) -> tuple[list[int] | None, Exception | None, str | None]:
+    assert isinstance(client, TrackingClient)
+    return client.select_and_search(folder, readonly, criteria, charset)
 
 
 # -- fetch_many ------------------------------------------------------------------------------
@@ -806,9 +900,10 @@ def _fetch_pipelined(
     steps: list[tuple[str, Sequence[int]]],
     fields: list[str | bytes],
     reading: list[int],
+    fresh: frozenset[int],
 ) -> list[PipelinedFetch]:
     assert isinstance(client, TrackingClient)
-    return client.fetch_pipelined(steps, fields, reading)
+    return client.fetch_pipelined(steps, fields, reading, fresh)
 
 
 @asynccontextmanager
@@ -821,29 +916,40 @@ async def _fetch_many(
 ) -> AsyncIterator[FetchResults]:
     wanted = _data_keys(fields)
 
-    def delivery(work: _Work, fetched: dict[int, dict[bytes, Any]]) -> _Delivery:
-        messages = collections.deque(
-            (uid, data)
-            for uid in work.uids
-            if (data := fetched.pop(uid, None)) is not None and _has_data(data, wanted)
-        )
-        return _Delivery(work.folder, messages, len(work.uids) - len(messages))
+    def delivery(outcome: PipelinedFetch, work: _Work) -> _Delivery | PipelinedFetch:
+        if outcome.fetched is None:
+            return outcome
+        fetched: dict[int, dict[bytes, Any]] = outcome.fetched
+        if isinstance(work.uids, range):
+            # UIDs of a range that are not returned never existed: only those returned
+            # without their data are missing.
+            returned = sorted(uid for uid in fetched if uid in work.uids)
+            messages = collections.deque(
+                (uid, found) for uid in returned if _has_data(found := fetched[uid], wanted)
+            )
+            skipped = len(returned) - len(messages)
+        else:
+            messages = collections.deque(
+                (uid, data)
+                for uid in work.uids
+                if (data := fetched.pop(uid, None)) is not None and _has_data(data, wanted)
+            )
+            skipped = len(work.uids) - len(messages)
+        return _Delivery(work.folder, messages, skipped, outcome.examined)
 
     async def fetch_pipelined(
         conn: Connection, works: list[_Work], cursor: _Cursor
     ) -> list[_Delivery | PipelinedFetch]:
         steps = [(work.folder, work.uids) for work in works]
+        fresh = frozenset(index for index, work in enumerate(works) if work.probe)
         reading = [0]
         try:
-            outcomes = await conn.run_sync(_fetch_pipelined, steps, fields, reading)
+            outcomes = await conn.run_sync(_fetch_pipelined, steps, fields, reading, fresh)
         except Exception:
             cursor.work = works[reading[0]]
             cursor.step = "command"
             raise
-        return [
-            delivery(work, outcome.fetched) if outcome.fetched is not None else outcome
-            for work, outcome in zip(works, outcomes, strict=True)
-        ]
+        return [delivery(outcome, work) for work, outcome in zip(works, outcomes, strict=True)]
 
     await trio.lowlevel.checkpoint()
     send, receive = trio.open_memory_channel[_Delivery](0)

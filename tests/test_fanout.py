@@ -609,3 +609,121 @@ async def test_the_bulk_operations_are_methods_of_the_pool_too(
         await pool.move_many({"INBOX": uids[2:]}, "Other")
         found = await pool.search_many(["INBOX", "Other"])
         assert (len(found["INBOX"]), len(found["Other"])) == (2, 5)
+
+
+# -- criteria without a serial search ---------------------------------------------------------
+
+
+def searches_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders fetch_many searched (SELECT + UID SEARCH, one thread hop each)."""
+    folders: list[str] = []
+    real_run_sync = Connection.run_sync
+
+    async def run_sync(conn: Connection, fn: Any, *args: Any) -> Any:
+        if fn is _fanout._select_and_search:
+            folders.append(args[0])
+        return await real_run_sync(conn, fn, *args)
+
+    monkeypatch.setattr(Connection, "run_sync", run_sync)
+    return folders
+
+
+async def test_all_is_fetched_by_uid_range_without_a_search(
+    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = seed(dovecot, account, {"A": 23, "B": 4}, size=700)
+    searched = searches_recorded(monkeypatch)
+    fetches = Commands(monkeypatch, "fetch")
+    async with (
+        open_pool(**account, max_size=2) as pool,
+        fetch_many(pool, {"A": "ALL", "B": ["all"]}, BODY, batch_size=5) as results,
+    ):
+        got = [(folder, uid) async for folder, uid, _ in results]
+        progress = results.progress
+    assert sorted(got) == sorted((f, uid) for f, folder in uids.items() for uid in folder)
+    assert searched == []
+    # A: the first range 1:5 with the EXAMINE, then 6:10 ... 21:23 from its UIDNEXT (24);
+    # B: 1:5 (4 messages), and nothing more.
+    assert sorted(batch[0] for _, batch in fetches.batches) == [1, 1, 6, 11, 16, 21]
+    assert progress == Progress(27, 27, 27 * 700, 6, 6, 2, 2)
+
+
+async def test_all_in_a_folder_whose_first_uids_are_gone_searches_above_the_first_range(
+    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = seed(dovecot, account, {"A": 40}, size=500)
+    client = IMAPClient(account["host"], account["port"], ssl=False)
+    client.login(account["username"], account["password"])
+    client.select_folder("A")
+    client.delete_messages(uids["A"][:34])
+    client.expunge()
+    client.logout()
+    searched = searches_recorded(monkeypatch)
+    async with (
+        open_pool(**account, max_size=1) as pool,
+        fetch_many(pool, {"A": "ALL"}, BODY, batch_size=5) as results,
+    ):
+        got = [uid async for _, uid, _ in results]
+        progress = results.progress
+    # UIDNEXT 41 but 6 messages: ranges would cost 7 empty FETCHes, a search one round trip.
+    assert got == uids["A"][34:]
+    assert searched == ["A"]
+    assert progress.messages_total == progress.messages_done == 6
+    assert progress.complete and progress.messages_missing == 0
+
+
+def select_and_search_recording(
+    client: IMAPClient, folder: str, criteria: Any
+) -> tuple[list[bytes], Any]:
+    imap = client._imap
+    events: list[bytes] = []
+    send, get_line = imap.send, imap._get_line
+
+    def recording_send(data: bytes) -> None:
+        events.append(bytes(data).split()[1])
+        send(data)
+
+    def recording_get_line() -> bytes:
+        events.append(b"<read>")
+        line: bytes = get_line()
+        return line
+
+    imap.send, imap._get_line = recording_send, recording_get_line
+    try:
+        return events, client.select_and_search(folder, True, criteria)
+    finally:
+        del imap.send, imap._get_line
+
+
+async def test_select_and_search_write_both_commands_before_reading_and_use_esearch(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = seed(dovecot, account, {"A": 12, "Empty": 0})
+    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+        events, (found, error, _) = await conn.run_sync(
+            select_and_search_recording, "A", ["UID", f"{uids['A'][2]}:{uids['A'][9]}"]
+        )
+        assert events[:3] == [b"EXAMINE", b"UID", b"<read>"]
+        assert error is None and found == uids["A"][2:10]
+        assert (conn.selected_folder, conn.readonly) == ("A", True)
+        _, (found, error, _) = await conn.run_sync(select_and_search_recording, "Empty", "ALL")
+        assert error is None and found == []
+        _, (found, error, command) = await conn.run_sync(
+            select_and_search_recording, "Missing", "ALL"
+        )
+        assert found is None and command == "select" and "select failed" in str(error)
+        assert conn.selected_folder is None
+        # The session is in step: the next command works.
+        await conn.noop()
+        _, (found, error, command) = await conn.run_sync(
+            select_and_search_recording, "A", ["NOSUCHKEY"]
+        )
+        assert found is None and command == "search" and error is not None
+        assert sorted(await conn.search("ALL")) == uids["A"]
+
+
+def test_esearch_answers_are_read_as_uid_ranges() -> None:
+    from trio_imappool._client import _esearch_uids
+
+    assert _esearch_uids([b'(TAG "A5") UID ALL 1:3,7,10:9']) == [1, 2, 3, 7, 9, 10]
+    assert _esearch_uids([b'(TAG "A5") UID']) is None

@@ -22,7 +22,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import trio
@@ -51,6 +51,7 @@ from ._errors import (
     connection_survives,
     suggests_server_gone,
 )
+from ._fetch_reader import FetchReader
 from ._login import LoginError, login_with_literals
 
 __all__ = ["PipelinedFetch", "PooledClient", "TrackingClient"]
@@ -179,8 +180,16 @@ def parse_fetch_results(
     the sequence number, merged into whichever message has that number as its UID. Several
     responses for the same UID are one message's items, merged.
     """
+    return select_fetch_results(_fetch_responses(lines, normalise_times), wanted)
+
+
+def select_fetch_results(
+    responses: Iterable[dict[bytes, Any]], wanted: Container[int] | None
+) -> dict[int, dict[bytes, Any]]:
+    """The parsed FETCH responses that are results, merged by UID (see
+    :func:`parse_fetch_results`)."""
     results: dict[int, dict[bytes, Any]] = {}
-    for items in _fetch_responses(lines, normalise_times):
+    for items in responses:
         uid = items.get(b"UID")
         if not isinstance(uid, int) or (wanted is not None and uid not in wanted):
             continue
@@ -390,22 +399,26 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                     error = _failure("select", typ, answer)
                     failed = {i: PipelinedFetch(None, error, "select") for i in range(start, end)}
             lines: list[Any] = []
-            for index in range(start, end):
-                if reading is not None:
-                    reading[0] = index
-                try:
-                    typ, answer = imap._command_complete("FETCH", sent[index][1])
-                except imaplib.IMAP4.abort:
-                    raise
-                except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
-                    typ, answer = "BAD", [str(exc).encode()]
-                lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x is not None]
-                if typ != "OK" and index not in failed:
-                    failed[index] = PipelinedFetch(None, _failure("fetch", typ, answer), "fetch")
+            with FetchReader(imap) as reader:
+                for index in range(start, end):
+                    if reading is not None:
+                        reading[0] = index
+                    try:
+                        typ, answer = imap._command_complete("FETCH", sent[index][1])
+                    except imaplib.IMAP4.abort:
+                        raise
+                    except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+                        typ, answer = "BAD", [str(exc).encode()]
+                    lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x]
+                    if typ != "OK" and index not in failed:
+                        error = _failure("fetch", typ, answer)
+                        failed[index] = PipelinedFetch(None, error, "fetch")
             # Only responses with a UID asked for are results: unsolicited ones (other
             # sessions' flag changes, without a UID) are dropped, never merged.
             wanted = _Wanted([steps[index][1] for index in range(start, end)])
-            response = parse_fetch_results(lines, self.normalise_times, wanted)
+            responses = reader.messages
+            responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
+            response = select_fetch_results(responses, wanted)
             for index in range(start, end):
                 if index in failed:
                     results.append(failed[index])
@@ -507,11 +520,14 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         if modifiers:
             args.append(seq_to_parenstr_upper(modifiers))
         tag = imap._command("UID", *args)
-        typ, answer = imap._command_complete("FETCH", tag)
+        with FetchReader(imap) as reader:
+            typ, answer = imap._command_complete("FETCH", tag)
         self._checkok("fetch", typ, answer)
-        lines = imap.untagged_responses.pop("FETCH", [])
+        lines = [x for x in imap.untagged_responses.pop("FETCH", []) if x]
         wanted = set(to_ints(messages))
-        return parse_fetch_results(lines, self.normalise_times, wanted)
+        responses = reader.messages
+        responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
+        return select_fetch_results(responses, wanted)
 
     def unselect_folder(self) -> Any:
         try:

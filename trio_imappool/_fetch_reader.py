@@ -62,6 +62,20 @@ def _atom(token: bytes) -> Any:
     return token
 
 
+# The commonest of all: "<seq> (UID <uid> [FLAGS (<flags>)] BODY[] {<size>}", then ")".
+_BODY_FIRST: Final = re.compile(
+    rb"([0-9]+) \(UID ([1-9][0-9]*)(?: FLAGS \(((?:[^ ()\[\]{}\"%]+(?: [^ ()\[\]{}\"%]+)*)?)\))?"
+    rb" BODY\[\] \{([0-9]+)\}"
+)
+
+
+def _flags(text: bytes) -> tuple[Any, ...]:
+    tokens = text.split(b" ") if text else []
+    if any(token == b"NIL" or token.isdigit() for token in tokens):
+        return tuple(_atom(token) for token in tokens)
+    return tuple(tokens)
+
+
 def parse_simple_fetch(pieces: Pieces) -> dict[bytes, Any] | None:
     """One FETCH response in its common shape, as imapclient's fetch gives it, or None.
 
@@ -69,6 +83,22 @@ def parse_simple_fetch(pieces: Pieces) -> dict[bytes, Any] | None:
     Returns ``{b"SEQ": n, b"UID": u, b"BODY[]": b"...", b"FLAGS": (...)}``, or None when the
     response has anything this parser does not handle, for the generic parser to read.
     """
+    if len(pieces) == 2 and pieces[1] == b")" and isinstance(pieces[0], tuple):
+        text, literal = pieces[0]
+        match = _BODY_FIRST.fullmatch(text) if isinstance(text, bytes) else None
+        if match is not None and isinstance(literal, bytes) and int(match[4]) == len(literal):
+            seq, uid, flags = match[1], match[2], match[3]
+            if seq[:1] != b"0" or len(seq) == 1:
+                message: dict[bytes, Any] = {b"SEQ": int(seq), b"UID": int(uid)}
+                if flags is not None:
+                    message[b"FLAGS"] = _flags(flags)
+                message[b"BODY[]"] = literal
+                return message
+    return _parse_items(pieces)
+
+
+def _parse_items(pieces: Pieces) -> dict[bytes, Any] | None:
+    """:func:`parse_simple_fetch` for items in any order and of any simple kind."""
     if not pieces or not isinstance(pieces[-1], bytes):
         return None
     first = pieces[0][0] if isinstance(pieces[0], tuple) else pieces[0]

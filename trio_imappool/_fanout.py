@@ -14,13 +14,17 @@ connection checked out of the pool, and either stream the results back as they a
 
 **What each folder gets.** A UID list (any iterable of ints), or search criteria (a string such
 as ``"ALL"``, or a list such as ``["UNSEEN"]`` or ``["SINCE", date(2026, 1, 1)]``: anything with
-a string in it), searched first on a pooled connection.
+a string in it), searched first on a pooled connection. :func:`fetch_many` needs no search
+for ``"ALL"``: it fetches the folder by UID range, the first range sent with the folder's
+EXAMINE, whose UIDNEXT and EXISTS plan the rest (a folder whose UIDs are sparse, its old
+messages expunged, is searched above the first range instead).
 
-**How the work is spread.** Searches run first, each after a SELECT of its own (so that it sees
-the folder as it is now, not as a connection that has had it selected for a while last saw it),
-and the connection that searched a folder goes on with that folder's first batches, so one
-SELECT serves both. A task keeps its connection for the next batch of the same folder (no
-second SELECT) unless other tasks are waiting for a connection; when it has to change folders
+**How the work is spread.** Searches run first, each with a SELECT of its own sent in the same
+round trip (so that it sees the folder as it is now, not as a connection that has had it
+selected for a while last saw it; ESEARCH where the server has it), and the connection that
+searched a folder goes on with that folder's first batches, so one SELECT serves both. A task
+keeps its connection for the next batch of the same folder (no second SELECT) unless other
+tasks are waiting for a connection; when it has to change folders
 it releases the connection and checks one out again, so other users of the pool get their
 turn. A task that gets a connection with a folder already selected takes a batch of that folder
 if one is left. Tasks spread over the folders, the least-worked folder first, so that each
@@ -827,7 +831,16 @@ def fetch_many(
     EXAMINE each needs, and then reads the answers (IMAP lets a client pipeline commands;
     imapclient alone cannot): EXAMINE A, FETCH A, EXAMINE B, FETCH B cost one round trip, not
     four. Over a slow link that halves the round trips of a fetch, and more where folders
-    change often.
+    change often. ``"ALL"`` costs no search: the folder's first UID range is fetched with its
+    EXAMINE, and the rest planned from the UIDNEXT and EXISTS it returns, so it is as fast as
+    a UID list; other criteria cost one round trip (SELECT and UID SEARCH together) before
+    the folder's first batches. With ``"ALL"`` the totals in :attr:`FetchResults.progress`
+    come from EXISTS: messages expunged meanwhile are simply not returned.
+
+    **Parsed as they are read.** FETCH answers of the common shape (``UID``, ``FLAGS``,
+    ``BODY[]`` and other plain items, in any order) are parsed while imaplib reads them, each
+    literal taken once from its buffer; any other shape goes to imapclient's generic parser,
+    with the same result.
 
     **Memory is bounded** whatever the mailbox size: each task holds at most two fetched
     batches (one pipeline) and waits, without holding a connection, until the caller takes

@@ -236,10 +236,11 @@ async def test_searched_folders_are_fetched_on_the_connection_that_searched(
             progress = results.progress
         stats = pool.statistics()
     assert got == [("A", uid, 600) for uid in range(5, 25)]
-    # A's two batches, and B's "ALL": no search, its first UID range (1:10) sent with its
-    # EXAMINE, which says that the folder is empty.
-    assert sorted(fetches.sizes) == [10, 10, 10]
-    assert progress == Progress(20, 20, 0, 3, 3, 2, 2)
+    # A: its search fetched the matches among UIDs 1:10 (5 to 10) in the same round trip
+    # (SEARCHRES), then one batch of the rest (11 to 20) and one of 21 to 24; B's "ALL": no
+    # search, its first UID range (1:10) sent with its EXAMINE, which says that it is empty.
+    assert sorted(fetches.sizes) == [4, 10, 10]
+    assert progress == Progress(20, 20, 0, 4, 4, 2, 2)
     # One connection did it all: SEARCH A, B's range, then A's batches, without a new checkout
     # between batches of the same folder.
     assert stats.connections_opened == 1
@@ -727,3 +728,63 @@ def test_esearch_answers_are_read_as_uid_ranges() -> None:
 
     assert _esearch_uids([b'(TAG "A5") UID ALL 1:3,7,10:9']) == [1, 2, 3, 7, 9, 10]
     assert _esearch_uids([b'(TAG "A5") UID']) is None
+
+
+def search_and_fetch_recording(
+    client: IMAPClient, folder: str, criteria: Any, first: range
+) -> tuple[list[bytes], Any]:
+    imap = client._imap
+    events: list[bytes] = []
+    send, get_line = imap.send, imap._get_line
+
+    def recording_send(data: bytes) -> None:
+        words = bytes(data).split()
+        events.append(words[1] if words[1] != b"UID" else b" ".join(words[1:3]))
+        send(data)
+
+    def recording_get_line() -> bytes:
+        events.append(b"<read>")
+        line: bytes = get_line()
+        return line
+
+    imap.send, imap._get_line = recording_send, recording_get_line
+    try:
+        return events, client.search_and_fetch(folder, criteria, first, BODY)
+    finally:
+        del imap.send, imap._get_line
+
+
+async def test_criteria_fetch_their_first_batch_with_the_search_in_one_round_trip(
+    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = seed(dovecot, account, {"A": 25}, size=400)["A"]
+    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+        events, (found, fetched, error, _) = await conn.run_sync(
+            search_and_fetch_recording, "A", ["NOT", "UID", "3"], range(1, 11)
+        )
+        # Four commands written before any answer was read: one round trip.
+        assert events[:5] == [b"EXAMINE", b"UID SEARCH", b"UID SEARCH", b"UID FETCH", b"<read>"]
+        assert set(events[5:]) == {b"<read>"}
+        assert error is None
+        assert found == [uid for uid in uids if uid != 3]
+        assert sorted(fetched or {}) == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+        assert all(len(data[b"BODY[]"]) == 400 for data in (fetched or {}).values())
+        _, (found, fetched, error, command) = await conn.run_sync(
+            search_and_fetch_recording, "Missing", ["ALL"], range(1, 11)
+        )
+        assert found is None and command == "select" and error is not None
+        await conn.noop()
+    # Through fetch_many: the search's own round trip brought the first batch; every
+    # message once, and the totals right.
+    searched = searches_recorded(monkeypatch)
+    fetches = Commands(monkeypatch, "fetch")
+    async with (
+        open_pool(**account, max_size=1) as pool,
+        fetch_many(pool, {"A": ["NOT", "UID", "3"]}, BODY, batch_size=10) as results,
+    ):
+        got = [uid async for _, uid, _ in results]
+        progress = results.progress
+    assert got == [uid for uid in uids if uid != 3]
+    assert searched == []  # no separate SELECT + SEARCH
+    assert fetches.sizes == [10, 5]  # 11:20 and 21:25 after the first batch
+    assert progress == Progress(24, 24, 24 * 400, 3, 3, 1, 1)

@@ -502,6 +502,80 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             found = parse_message_list(lines) if lines else []
         return sorted({int(uid) for uid in found}), None, None
 
+    def can_search_and_fetch(self, criteria: Any, charset: str | None) -> bool:
+        """Whether :meth:`search_and_fetch` can send these criteria in one round trip."""
+        if charset or not (self.has_capability("SEARCHRES") and self.has_capability("ESEARCH")):
+            return False
+        args = _normalise_search_criteria(criteria, charset)
+        return all(arg.isascii() and b"\r" not in arg and b"\n" not in arg for arg in args)
+
+    def search_and_fetch(
+        self, folder: str, criteria: Any, first: range, data: Sequence[str | bytes]
+    ) -> tuple[list[int] | None, dict[int, dict[bytes, Any]] | None, Exception | None, str]:
+        """EXAMINE *folder*, search it, and fetch the matches among the UIDs *first*, in one
+        round trip (check :meth:`can_search_and_fetch` first).
+
+        Four commands go at once: EXAMINE; ``UID SEARCH RETURN (ALL)`` with the criteria
+        (every match, as ranges: ESEARCH, RFC 4731); ``UID SEARCH RETURN (SAVE) UID
+        first:last`` with the criteria (the matches in *first*, kept by the server as ``$``:
+        SEARCHRES, RFC 5182); and ``UID FETCH $``. So the folder's first batch comes back
+        with its search, bounded by *first* as any batch is.
+
+        Returns every UID found (ascending) and the first batch's messages (as
+        :meth:`fetch_pipelined` returns them), or the error of a NO or BAD answer and the
+        command that got it (``"select"``, ``"search"`` or ``"fetch"``).
+        """
+        imap = self._imap
+        args = _normalise_search_criteria(criteria, None)
+        fields = seq_to_parenstr_upper(list(data))
+        state = imap.state
+        imap.state = "SELECTED"
+        try:
+            imap.untagged_responses = {}
+            imap.is_readonly = True
+            examine = imap._command("EXAMINE", self._normalise_folder(folder))
+            search = imap._command("UID", "SEARCH", b"RETURN", b"(ALL)", *args)
+            save = imap._command(
+                "UID", "SEARCH", b"RETURN", b"(SAVE)", b"UID", message_set(first), *args
+            )
+            fetch = imap._command("UID", "FETCH", b"$", fields)
+        finally:
+            imap.state = state
+        self.selected = None
+        typ, answer = imap._command_complete("EXAMINE", examine)
+        failure: tuple[Exception, str] | None = None
+        if typ == "OK":
+            imap.state = "SELECTED"
+            self.selected = (folder, True)
+        else:
+            imap.state = "AUTH"
+            failure = (_failure("select", typ, answer), "select")
+        imap.untagged_responses.clear()
+        found: list[int] | None = None
+        lines: list[Any] = []
+        with FetchReader(imap) as reader:
+            for name, tag in (("SEARCH", search), ("SEARCH", save), ("FETCH", fetch)):
+                try:
+                    typ, answer = imap._command_complete(name, tag)
+                except imaplib.IMAP4.abort:
+                    raise
+                except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+                    typ, answer = "BAD", [str(exc).encode()]
+                if typ != "OK" and failure is None:
+                    failure = (_failure(name.lower(), typ, answer), name.lower())
+                if tag == search:
+                    answers = imap.untagged_responses.pop("ESEARCH", [])
+                    found = _esearch_uids([x for x in answers if x]) or []
+                lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x]
+        if failure is not None:
+            return None, None, failure[0], failure[1]
+        assert found is not None
+        uids = sorted(set(found))
+        wanted = {uid for uid in uids if uid in first}
+        responses = reader.messages
+        responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
+        return uids, select_fetch_results(responses, wanted), None, ""
+
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
         """imapclient's ``fetch``, but a message's data is only what the server sent for it.
 

@@ -351,6 +351,12 @@ _RunPipelined: TypeAlias = Callable[
     ["Connection", list[_Work], "_Cursor"], Awaitable[list[_Delivery | PipelinedFetch]]
 ]
 
+# Searches a folder and fetches the matches among its first UIDs in one round trip (fetch):
+# every UID found and the first batch's delivery, or None where the server cannot.
+_RunSearchFetch: TypeAlias = Callable[
+    ["Connection", _Work, range, "_Cursor"], Awaitable[tuple[list[int], _Delivery] | None]
+]
+
 # Batches a fetch worker sends at once: the second one's round trip overlaps the first's.
 _PIPELINE_DEPTH: Final = 2
 
@@ -386,8 +392,10 @@ class _FanOut:
         run_pipelined: _RunPipelined | None = None,
         send: trio.MemorySendChannel[_Delivery] | None = None,
         charset: str | None = None,
+        run_search_fetch: _RunSearchFetch | None = None,
     ) -> None:
         self._pool = pool
+        self._run_search_fetch = run_search_fetch
         self._run_pipelined = run_pipelined
         self.operation = operation
         self._mode = mode
@@ -421,7 +429,11 @@ class _FanOut:
 
     # -- decisions (synchronous) --
 
-    def _plan(self, folder: str, uids: Sequence[int], *, already: int = 0) -> None:
+    def _plan(
+        self, folder: str, uids: Sequence[int], *, already: int = 0, fetched: int = 0
+    ) -> None:
+        """Plan a folder's batches; *already* messages in *fetched* batches came with its
+        search."""
         size = self._batch_size
         if self._run_batch is None and self._run_pipelined is None:  # search only
             self.tracker.planned(folder, len(uids), 0)
@@ -429,7 +441,7 @@ class _FanOut:
             batches = [_Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
             if batches:
                 self._batches.setdefault(folder, collections.deque()).extend(batches)
-            self.tracker.planned(folder, already + len(uids), len(batches))
+            self.tracker.planned(folder, already + len(uids), fetched + len(batches))
         self._wake()
 
     def _wake(self) -> None:
@@ -588,8 +600,9 @@ class _FanOut:
                 if work.search is None and self._run_pipelined is not None:
                     work = await self._run_pipeline(conn, work, cursor, undelivered)
                 elif work.search is not None:
-                    await self._search(conn, work.folder, work.search, cursor)
-                    self._busy[work.folder] -= 1
+                    if not await self._search_and_fetch(conn, work, cursor, undelivered):
+                        await self._search(conn, work.folder, work.search, cursor)
+                        self._busy[work.folder] -= 1
                 else:
                     await self._select(conn, work.folder, fresh=False)
                     cursor.step = "command"
@@ -662,6 +675,27 @@ class _FanOut:
             return
         await conn.select_folder(folder, readonly=self._mode != "read-write")
 
+    async def _search_and_fetch(
+        self, conn: Connection, work: _Work, cursor: _Cursor, undelivered: list[_Delivery]
+    ) -> bool:
+        """Search a folder and fetch its first batch in one round trip where the operation
+        and the server allow it (SEARCHRES); False where not (nothing was sent)."""
+        search = work.search
+        if self._run_search_fetch is None or search is None or search.above:
+            return False
+        first = range(1, self._batch_size + 1)
+        outcome = await self._run_search_fetch(conn, work, first, cursor)
+        if outcome is None:
+            return False
+        uids, delivery = outcome
+        self.found[work.folder] = uids
+        self._searching -= 1
+        head = [uid for uid in uids if uid in first]
+        rest = [uid for uid in uids if uid not in first]
+        self._plan(work.folder, rest, already=len(head), fetched=1)
+        self._batch_done(work, delivery, undelivered)
+        return True
+
     async def _search(
         self, conn: Connection, folder: str, search: _Search, cursor: _Cursor
     ) -> None:
@@ -682,6 +716,15 @@ class _FanOut:
         self.found[folder] = uids
         self._searching -= 1
         self._plan(folder, uids)
+
+
+def _search_and_fetch(
+    client: IMAPClient, folder: str, criteria: Criteria, first: range, fields: list[str | bytes]
+) -> tuple[list[int] | None, dict[int, dict[bytes, Any]] | None, Exception | None, str]:
+    assert isinstance(client, TrackingClient)
+    if not client.can_search_and_fetch(criteria, None):
+        return None, None, None, ""
+    return client.search_and_fetch(folder, criteria, first, fields)
 
 
 def _select_and_search(
@@ -964,6 +1007,25 @@ async def _fetch_many(
             raise
         return [delivery(outcome, work) for work, outcome in zip(works, outcomes, strict=True)]
 
+    async def search_and_fetch(
+        conn: Connection, work: _Work, first: range, cursor: _Cursor
+    ) -> tuple[list[int], _Delivery] | None:
+        assert work.search is not None
+        criteria = work.search.criteria
+        found, fetched, error, command = await conn.run_sync(
+            _search_and_fetch, work.folder, criteria, first, fields
+        )
+        if error is not None:
+            cursor.step = "select" if command == "select" else "command"
+            raise error
+        if found is None:
+            return None  # the server cannot: search first
+        cursor.step = "command"
+        head = _Work(work.folder, [uid for uid in found if uid in first])
+        result = delivery(PipelinedFetch(fetched, None, None), head)
+        assert isinstance(result, _Delivery)
+        return found, result
+
     await trio.lowlevel.checkpoint()
     send, receive = trio.open_memory_channel[_Delivery](0)
     fanout = _FanOut(
@@ -976,6 +1038,7 @@ async def _fetch_many(
         run_batch=None,
         run_pipelined=fetch_pipelined,
         send=send,
+        run_search_fetch=search_and_fetch,
     )
     results = FetchResults(receive, fanout)
 

@@ -876,8 +876,8 @@ def fetch_many(
     four. Over a slow link that halves the round trips of a fetch, and more where folders
     change often. ``"ALL"`` costs no search: the folder's first UID range is fetched with its
     EXAMINE, and the rest planned from the UIDNEXT and EXISTS it returns, so it is as fast as
-    a UID list. Other criteria, where the server has SEARCHRES and ESEARCH (RFC 5182, 4731;
-    Dovecot, Gmail's ESEARCH without SEARCHRES excepted), fetch the folder's first batch
+    a UID list. Other criteria, where the server has SEARCHRES and ESEARCH (RFC 5182 and
+    4731: Dovecot has both, Gmail only ESEARCH), fetch the folder's first batch
     with its search (EXAMINE, the search, the same search among UIDs 1 to *batch_size* saved
     as ``$``, and ``UID FETCH $``, in one round trip); elsewhere they cost one round trip
     (SELECT and UID SEARCH together) before the folder's first batches. With ``"ALL"`` the

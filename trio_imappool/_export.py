@@ -87,6 +87,7 @@ from imapclient.response_parser import parse_response
 from ._config import check_wire_text
 from ._errors import PoolError, connection_survives
 from ._fanout import DEFAULT_BATCH_SIZE, FanOutError, fetch_many
+from ._sync_wire import FlagAnswer, FlagStep, fetch_flags
 
 if TYPE_CHECKING:
     from imapclient import IMAPClient
@@ -122,7 +123,7 @@ LOCK_NAME: Final = "trio-imappool.lock"
 #: Where the files of a folder whose UIDVALIDITY changed are moved to.
 REPLACED_DIR: Final = "trio-imappool-replaced"
 
-_STATE_FORMAT: Final = 1
+_STATE_FORMAT: Final = 2  # 1: before flags and deletions were followed (read and upgraded)
 _TMP_PREFIX: Final = "trio-imappool-"
 _NAME_TAG: Final = "trio-imappool"
 _NAME_RE: Final = re.compile(r"^(\d+)-(\d+)\.trio-imappool(?:,[^:]*)?(?::2,([^:]*))?$")
@@ -134,7 +135,7 @@ _FLAG_LETTERS: Final = {
     b"\\deleted": "T",
 }
 _FETCH_ITEMS: Final = ["BODY.PEEK[]", "FLAGS"]
-_STATUS_ITEMS: Final = "(MESSAGES UIDNEXT UIDVALIDITY)"
+_STATUS_ITEMS: Final = ("MESSAGES", "UIDNEXT", "UIDVALIDITY")
 # A UID range is fetched as it is (the server skips UIDs that do not exist) when it is at most
 # this many times the messages expected in it, plus the slack; otherwise the folder is searched.
 _DENSE_FACTOR: Final = 2
@@ -287,6 +288,7 @@ class ServerFolder:
     uidvalidity: int
     uidnext: int
     messages: int
+    highestmodseq: int = 0  # 0: the server has no CONDSTORE, or not for this folder
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -315,6 +317,8 @@ def _status_items(items: Sequence[Any]) -> dict[bytes, int]:
         if isinstance(key, bytes) and isinstance(value, int) and not isinstance(value, bool):
             found[key.upper()] = value
     lacking = [k.decode() for k in _STATUS_KEYS if k not in found]
+    if found.get(b"HIGHESTMODSEQ", 0) < 0:
+        raise ValueError("the server's STATUS answer has an impossible HIGHESTMODSEQ")
     if lacking:
         raise ValueError(f"the server's STATUS answer lacks {', '.join(lacking)} or garbles it")
     if found[b"UIDVALIDITY"] < 1 or found[b"UIDNEXT"] < 1 or found[b"MESSAGES"] < 0:
@@ -347,13 +351,27 @@ def _decode_raw_name(raw: object) -> tuple[str | None, str, str | None]:
     return name, name, None
 
 
-def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFailure]]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Capabilities:
+    """What the server offers for following changes (from the listing connection)."""
+
+    condstore: bool = False  # RFC 7162: HIGHESTMODSEQ, CHANGEDSINCE
+    qresync: bool = False  # RFC 7162: VANISHED (EARLIER)
+
+
+def _list_status(
+    client: IMAPClient,
+) -> tuple[list[ServerFolder], list[FolderFailure], _Capabilities]:
     """LIST and STATUS of every folder; one round trip where the server has LIST-STATUS (RFC
-    5819), else a STATUS per folder. Runs in a worker thread, on a checked-out connection.
+    5819), else a STATUS per folder. With CONDSTORE, HIGHESTMODSEQ is asked for too. Runs in
+    a worker thread, on a checked-out connection.
 
     A folder whose name or status cannot be used is a :class:`FolderFailure`, not an error of
     the run; a NO or BAD for one folder's STATUS too. Errors that end the session are raised.
     """
+    condstore = bool(client.has_capability("CONDSTORE"))
+    caps = _Capabilities(condstore, condstore and bool(client.has_capability("QRESYNC")))
+    wanted = [*_STATUS_ITEMS, "HIGHESTMODSEQ"] if condstore else list(_STATUS_ITEMS)
     status: dict[bytes, Any] = {}
     encode = client.folder_encode
     client.folder_encode = False  # the names as the server sent them, to check them here
@@ -363,7 +381,7 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
             # list_folders() does for LIST.
             imap = client._imap
             typ, data = imap._simple_command(
-                "LIST", '""', '"*"', "RETURN", f"(STATUS {_STATUS_ITEMS})"
+                "LIST", '""', '"*"', "RETURN", f"(STATUS ({' '.join(wanted)}))"
             )
             client._checkok("list", typ, data)
             _, lists = imap._untagged_response(typ, data, "LIST")
@@ -396,7 +414,7 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
         try:
             items = status.get(key)
             if items is None:
-                answer = client.folder_status(name, ["MESSAGES", "UIDNEXT", "UIDVALIDITY"])
+                answer = client.folder_status(name, wanted)
                 items = [part for pair in answer.items() for part in pair]
             numbers = _status_items(items)
         except imaplib.IMAP4.abort:
@@ -415,9 +433,10 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
                 uidvalidity=numbers[b"UIDVALIDITY"],
                 uidnext=numbers[b"UIDNEXT"],
                 messages=numbers[b"MESSAGES"],
+                highestmodseq=numbers.get(b"HIGHESTMODSEQ", 0) if condstore else 0,
             )
         )
-    return folders, failures
+    return folders, failures, caps
 
 
 def _one_line(exc: BaseException) -> str:
@@ -455,18 +474,34 @@ def _choose(
 class FolderState:
     """What ``trio-imappool.json`` of a folder says.
 
+    The file is versioned (``"format"``): format 1 (before flags and deletions were followed)
+    is read as format 2 with no modseq, nothing gone and the counts unknown, so the first run
+    after an upgrade compares every message's flags once (FLAGS only, no bodies) and then
+    goes on from there.
+
     Attributes:
         folder: The folder's name on the server.
         uidvalidity: The UIDVALIDITY the files were exported with.
-        uids: The UIDs exported (each one's file is in ``cur/`` or ``new/``).
+        uids: The UIDs exported and, as far as known, still on the server (each one's file is
+            in ``cur/`` or ``new/``).
         synced_below: Every message with a smaller UID was exported (the folder's UIDNEXT at
             the last complete run); 0 if unknown.
+        gone: UIDs whose messages are gone from the server and whose files are kept.
+        highestmodseq: The folder's HIGHESTMODSEQ (CONDSTORE) at the start of the last run
+            whose flag pass completed: every flag change up to it is in the file names. 0 if
+            unknown (the next run compares every message's flags).
+        uidnext: The folder's UIDNEXT at the start of that run (0 if unknown).
+        messages: Its message count then (-1 if unknown).
     """
 
     folder: str
     uidvalidity: int
     uids: frozenset[int]
     synced_below: int
+    gone: frozenset[int] = frozenset()
+    highestmodseq: int = 0
+    uidnext: int = 0
+    messages: int = -1
 
     def to_json(self) -> str:
         return json.dumps(
@@ -475,7 +510,11 @@ class FolderState:
                 "folder": self.folder,
                 "uidvalidity": self.uidvalidity,
                 "synced_below": self.synced_below,
+                "highestmodseq": self.highestmodseq,
+                "uidnext": self.uidnext,
+                "messages": self.messages,
                 "uids": _uid_ranges(sorted(self.uids)),
+                "gone": _uid_ranges(sorted(self.gone)),
             },
             ensure_ascii=False,
         )
@@ -503,16 +542,28 @@ def _parse_ranges(text: str) -> set[int]:
 
 
 def read_folder_state(path: str | os.PathLike[str]) -> FolderState | None:
-    """The state of the folder directory *path*, or None if there is none or it is unreadable."""
+    """The state of the folder directory *path*, or None if there is none, it is unreadable,
+    or of a format this version does not know. A format 1 state is upgraded (see
+    :class:`FolderState`); it is written in format 2 at the end of the next run."""
     try:
         raw = json.loads((Path(path) / STATE_NAME).read_text("utf-8"))
-        if raw.get("format") != _STATE_FORMAT:
+        version = raw.get("format")
+        if version not in (1, _STATE_FORMAT):
             return None
-        return FolderState(
+        state = FolderState(
             folder=str(raw["folder"]),
             uidvalidity=int(raw["uidvalidity"]),
             uids=frozenset(_parse_ranges(str(raw["uids"]))),
             synced_below=int(raw["synced_below"]),
+        )
+        if version == 1:
+            return state
+        return dataclasses.replace(
+            state,
+            gone=frozenset(_parse_ranges(str(raw["gone"]))),
+            highestmodseq=max(0, int(raw["highestmodseq"])),
+            uidnext=max(0, int(raw["uidnext"])),
+            messages=max(-1, int(raw["messages"])),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -563,6 +614,16 @@ class _Folder:
     whole: bool = False  # asked for with "ALL" only (a first export of the folder)
     missing: list[int] = dataclasses.field(default_factory=list)  # asked for, not returned
     failure: str | None = None  # why the folder could not be exported
+    # Following the server (flags and deletions):
+    files: dict[int, Path] = dataclasses.field(default_factory=dict)  # UID -> its file
+    gone: set[int] = dataclasses.field(default_factory=set)  # gone from the server, file kept
+    modseq: int = 0  # the trusted HIGHESTMODSEQ of the last run (0: compare every message)
+    last_counts: tuple[int, int] = (0, -1)  # (UIDNEXT, MESSAGES) at the last run, if trusted
+    step: FlagStep | None = None  # this run's flag pass, if it needs one
+    flags_synced: bool = False  # every flag change up to server.highestmodseq is applied
+    flags_changed: int = 0
+    gone_new: int = 0  # noticed gone in this run
+    removed: int = 0  # files of gone messages removed in this run
 
     @property
     def cur(self) -> Path:
@@ -574,12 +635,21 @@ class _Folder:
 
     def state(self) -> FolderState:
         """The state after the run: every message below the UIDNEXT listed is here, or below
-        the first message the server did not return (so that the next run asks again)."""
+        the first message the server did not return (so that the next run asks again); the
+        flags are those of the HIGHESTMODSEQ listed if the flag pass completed."""
+        synced = self.flags_synced
+        uidnext, messages = (
+            (self.server.uidnext, self.server.messages) if synced else self.last_counts
+        )
         return FolderState(
             folder=self.server.name,
             uidvalidity=self.server.uidvalidity,
-            uids=frozenset(self.exported),
+            uids=frozenset(self.exported - self.gone),
             synced_below=min(self.missing, default=self.server.uidnext),
+            gone=frozenset(self.gone),
+            highestmodseq=self.server.highestmodseq if synced else self.modseq,
+            uidnext=uidnext,
+            messages=messages,
         )
 
 
@@ -728,17 +798,26 @@ def _prepare_one(root: Path, server: ServerFolder, path: Path) -> _Folder:
         aside = _replaced_dir(root, path, uidvalidity)
         _make_maildir(aside)
         os.rename(file, aside / file.parent.name / file.name)
-    exported = {uid for key in files if key not in stale for uid in key[1:]}
+    mine = {key[1]: file for key, file in files.items() if key not in stale}
+    exported = set(mine)
     synced_below = 0
-    if (
+    trusted = (
         state is not None
         and not foreign
         and state.uidvalidity == server.uidvalidity
         and state.uids <= exported
         and state.synced_below <= server.uidnext
-    ):
+    )
+    if trusted:
+        assert state is not None
         synced_below = state.synced_below
     folder = _Folder(server, path, exported, synced_below, state, moved_aside=len(stale))
+    folder.files = mine
+    if trusted:
+        assert state is not None
+        folder.gone = set(state.gone & exported)
+        folder.modseq = state.highestmodseq
+        folder.last_counts = (state.uidnext, state.messages)
     folder.uidvalidity_changed = bool(stale) or (
         state is not None and not foreign and state.uidvalidity != server.uidvalidity
     )
@@ -827,6 +906,194 @@ def _open_tmp(folder: _Folder) -> tuple[int, str | None]:
 _tmp_numbers = itertools.count()
 
 
+# -- following the server: flags and deletions ---------------------------------------------------
+
+
+def _flag_step(folder: _Folder, caps: _Capabilities) -> FlagStep | None:
+    """What the flag pass must ask the server about *folder*, or None if nothing can have
+    changed for the messages it has. Synchronous, pure.
+
+    Without CONDSTORE (or without a modseq from the last run) every message's flags are
+    listed, which also says which UIDs still exist. With CONDSTORE and an unchanged
+    HIGHESTMODSEQ nothing is asked, unless the counts say that messages were expunged (a
+    server without QRESYNC need not change the modseq then); otherwise only the messages
+    changed since the last run's modseq, and with QRESYNC the UIDs expunged since then.
+    """
+    server = folder.server
+    if not folder.exported - folder.gone or server.messages == 0:
+        return None
+    modseq = server.highestmodseq
+    if not caps.condstore or modseq == 0 or folder.modseq == 0 or modseq < folder.modseq:
+        return FlagStep(server.name)
+    uidnext, messages = folder.last_counts
+    # Messages now = before + appended - expunged, and at most UIDNEXT's growth was appended:
+    # equality leaves no room for an expunge.
+    only_appended = (
+        messages >= 0 and uidnext > 0 and server.messages == messages + server.uidnext - uidnext
+    )
+    if modseq == folder.modseq and only_appended:
+        return None
+    if caps.qresync:
+        return FlagStep(server.name, since=folder.modseq, vanished=True)
+    if not only_appended:
+        return FlagStep(server.name)  # expunges, and no VANISHED: compare the UID sets
+    return FlagStep(server.name, since=folder.modseq)
+
+
+def _plan_flags(folders: Sequence[_Folder], caps: _Capabilities) -> None:
+    """Decide each folder's flag pass (``step``); settle the ones that need none."""
+    for folder in folders:
+        if folder.failure is not None:
+            continue
+        folder.step = _flag_step(folder, caps)
+        if folder.step is None:
+            if folder.server.messages == 0:  # the server says so: every message is gone
+                newly = folder.exported - folder.gone
+                folder.gone |= newly
+                folder.gone_new += len(newly)
+            folder.flags_synced = True
+
+
+def _new_info(info: str, letters: str) -> str:
+    """The info letters of a file after the server's flags are applied: ours (DFRST) as the
+    server says, any others (a mail reader's keywords) kept; in ASCII order."""
+    kept = {c for c in info if c not in "DFRST"}
+    return "".join(sorted(kept | set(letters)))
+
+
+def _rename_for_flags(folder: _Folder, flags: dict[int, tuple[bytes, ...]], fsync: bool) -> int:
+    """Rename the files whose flags differ from the server's; the number renamed.
+
+    Each file is renamed in its own directory (``rename(2)``: atomic, so a crash leaves it
+    under its old name or its new one, never lost); the directories are flushed after.
+    Synchronous.
+    """
+    changed = 0
+    dirs: set[Path] = set()
+    for uid, server_flags in flags.items():
+        old = folder.files.get(uid)
+        if old is None or uid in folder.gone:
+            continue  # a new message of this run, or one not exported yet
+        base, sep, info = old.name.partition(":2,")
+        new_info = _new_info(info, maildir_flags(server_flags))
+        if sep and new_info == info:
+            continue
+        new = old.with_name(f"{base}:2,{new_info}")
+        try:
+            os.rename(old, new)
+        except FileNotFoundError:
+            continue  # moved or removed meanwhile (by a mail reader)
+        folder.files[uid] = new
+        changed += 1
+        dirs.add(old.parent)
+    if fsync:
+        for directory in dirs:
+            _fsync_dir(directory)
+    return changed
+
+
+def _apply_answers(group: Sequence[_Folder], answers: Sequence[FlagAnswer], fsync: bool) -> None:
+    """Apply a flag pass's answers to the folders' files (renames) and gone sets.
+    Synchronous (a worker thread)."""
+    for folder, answer in zip(group, answers, strict=True):
+        step = folder.step
+        if answer.error is not None or step is None:
+            continue
+        known = folder.exported - folder.gone
+        trusted = True
+        if step.since is None:
+            # A full listing: what it does not name is gone, unless the server left messages
+            # out of its answer (fewer than EXAMINE counted); then nothing is concluded.
+            if answer.exists is not None and len(answer.flags) >= answer.exists:
+                newly = known - answer.flags.keys()
+            else:
+                newly, trusted = set(), False
+        else:
+            newly = answer.vanished & known
+        folder.gone |= newly
+        folder.gone_new += len(newly)
+        folder.flags_changed += _rename_for_flags(folder, answer.flags, fsync)
+        folder.flags_synced = trusted
+
+
+def _remove_gone(folders: Sequence[_Folder], fsync: bool) -> None:
+    """``delete=True``: remove the files of messages gone from the server. Synchronous."""
+    for folder in folders:
+        if folder.failure is not None or not folder.gone:
+            continue
+        dirs: set[Path] = set()
+        for uid in sorted(folder.gone):
+            file = folder.files.pop(uid, None)
+            if file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(file)
+                    folder.removed += 1
+                dirs.add(file.parent)
+            folder.exported.discard(uid)
+        folder.gone.clear()
+        if fsync:
+            for directory in dirs:
+                _fsync_dir(directory)
+
+
+async def _flag_pass(
+    pool: Pool,
+    folders: Sequence[_Folder],
+    caps: _Capabilities,
+    max_connections: int | None,
+    fsync: bool,
+) -> None:
+    """Ask the server about the folders with a ``step``, spread over up to *max_connections*
+    connections (each asks about its folders in one round trip), and apply the answers.
+
+    A NO or BAD for a folder fails that folder; an error that ends a session is raised.
+    """
+    todo = [f for f in folders if f.step is not None and f.failure is None]
+    if not todo:
+        return
+    size = pool.config.max_size
+    count = min(max_connections or size, size, len(todo))
+    groups: list[list[_Folder]] = [[] for _ in range(count)]
+    loads = [0] * count
+
+    def weight(folder: _Folder) -> int:
+        step = folder.step
+        return 1 + (folder.server.messages if step is not None and step.since is None else 0)
+
+    for folder in sorted(todo, key=weight, reverse=True):
+        least = loads.index(min(loads))
+        groups[least].append(folder)
+        loads[least] += weight(folder)
+    fatal: list[BaseException] = []
+
+    async def one(group: list[_Folder]) -> None:
+        steps = [f.step for f in group if f.step is not None]
+        try:
+            async with pool.connection() as conn:
+                answers = await conn.run_sync(fetch_flags, steps, caps.qresync)
+        except Exception as exc:
+            fatal.append(exc)
+            nursery.cancel_scope.cancel()
+            return
+        for folder, answer in zip(group, answers, strict=True):
+            if answer.error is not None:
+                folder.failure = f"flag sync failed: {_one_line(answer.error)}"
+        try:
+            await trio.to_thread.run_sync(_apply_answers, group, answers, fsync)
+        except OSError as exc:
+            error = ExportError(f"cannot rename the files of a flag change: {exc}")
+            error.__cause__ = exc
+            fatal.append(error)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for group in groups:
+            if group:
+                nursery.start_soon(one, group)
+    if fatal:
+        raise fatal[0]
+
+
 # -- results -------------------------------------------------------------------------------------
 
 
@@ -869,6 +1136,13 @@ class FolderReport:
         moved_aside: Files of an older UIDVALIDITY moved to ``trio-imappool-replaced/``.
         missing: Messages the server listed but did not return in this run (left out of the
             FETCH answer, or ``BODY[] NIL``): not exported, asked for again by the next run.
+        flags_changed: Files renamed in this run because the message's flags changed on the
+            server.
+        gone: Messages found gone from the server in this run (expunged there).
+        gone_kept: Files of messages gone from the server that are kept (all of them, found
+            in this run or before; none with ``delete=True``).
+        removed: Files removed in this run because their messages are gone from the server
+            (``delete=True`` only).
     """
 
     name: str
@@ -881,6 +1155,10 @@ class FolderReport:
     uidvalidity_changed: bool
     moved_aside: int
     missing: int = 0
+    flags_changed: int = 0
+    gone: int = 0
+    gone_kept: int = 0
+    removed: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -917,6 +1195,26 @@ class ExportResult:
     def complete(self) -> bool:
         """Every folder was exported and every message the server listed is in the Maildir."""
         return not self.folders_failed and not self.messages_missing
+
+    @property
+    def flags_changed(self) -> int:
+        """Files renamed for a flag change on the server, in all folders."""
+        return sum(f.flags_changed for f in self.folders)
+
+    @property
+    def messages_gone(self) -> int:
+        """Messages found gone from the server in this run, in all folders."""
+        return sum(f.gone for f in self.folders)
+
+    @property
+    def gone_kept(self) -> int:
+        """Files kept of messages gone from the server, in all folders."""
+        return sum(f.gone_kept for f in self.folders)
+
+    @property
+    def messages_removed(self) -> int:
+        """Files removed because their messages are gone from the server (``delete=True``)."""
+        return sum(f.removed for f in self.folders)
 
     @property
     def messages_per_second(self) -> float:
@@ -966,7 +1264,9 @@ async def _warm_up(pool: Pool) -> None:
             pass
 
 
-async def _server_folders(pool: Pool) -> tuple[list[ServerFolder], list[FolderFailure]]:
+async def _server_folders(
+    pool: Pool,
+) -> tuple[list[ServerFolder], list[FolderFailure], _Capabilities]:
     async with pool.connection() as conn:
         return await conn.run_sync(_list_status)
 
@@ -1164,6 +1464,7 @@ async def export_maildir(
     max_connections: int | None = None,
     fsync: bool = True,
     progress: Callable[[ExportProgress], object] | None = None,
+    delete: bool = False,
 ) -> ExportResult:
     """Export folders of the pool's account to a Maildir, fetching only what is missing.
 
@@ -1235,7 +1536,15 @@ async def export_maildir(
                 warming.start_soon(_warm_up, pool)
             try:
                 prepared, run, failures = await _export(
-                    pool, root, folders, exclude, batch_size, max_connections, fsync, progress
+                    pool,
+                    root,
+                    folders,
+                    exclude,
+                    batch_size,
+                    max_connections,
+                    fsync,
+                    progress,
+                    delete,
                 )
             except BaseException as exc:
                 # Kept out of the nursery, so that it is not wrapped in an exception group.
@@ -1263,6 +1572,10 @@ async def export_maildir(
                 uidvalidity_changed=f.uidvalidity_changed,
                 moved_aside=f.moved_aside,
                 missing=len(f.missing),
+                flags_changed=f.flags_changed,
+                gone=f.gone_new,
+                gone_kept=len(f.gone),
+                removed=f.removed,
             )
             for f in done
         ),
@@ -1291,10 +1604,11 @@ async def _export(
     max_connections: int | None,
     fsync: bool,
     progress: Callable[[ExportProgress], object] | None,
+    delete: bool,
 ) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
     """List, reconcile, fetch and write, then look for what did not come; the state is left
     to the caller."""
-    listed, failures = await _server_folders(pool)
+    listed, failures, caps = await _server_folders(pool)
     chosen = _choose(listed, folders, exclude)
     failures = [
         f
@@ -1306,6 +1620,14 @@ async def _export(
     except OSError as exc:
         raise ExportError(f"cannot prepare the Maildir {root}: {exc}") from exc
     failures += more
+    # Flags and deletions first (no bodies: one round trip per connection), then new mail.
+    _plan_flags(prepared, caps)
+    await _flag_pass(pool, prepared, caps, max_connections, fsync)
+    if delete:
+        try:
+            await trio.to_thread.run_sync(_remove_gone, prepared, fsync)
+        except OSError as exc:
+            raise ExportError(f"cannot remove a message gone from the server: {exc}") from exc
     run = _Run(prepared, fsync, progress)
     for _round in range(len(prepared) + 1):  # each further round follows a failed folder
         batch = run.plan()

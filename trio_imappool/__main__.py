@@ -638,8 +638,8 @@ def _print_result(
     folders = len(result.folders)
     total = sum(f.exported for f in result.folders)
     for f in result.folders:
-        changed = f.fetched or f.flags_changed or f.gone or f.removed
-        if not (verbose or changed):
+        followed = f.flags_changed or f.gone or f.removed  # new mail alone: the summary
+        if not (verbose or followed):
             continue
         note = ""
         if f.uidvalidity_changed:

@@ -1,11 +1,16 @@
 """Exporting an IMAP account to a local Maildir, over pooled connections, resumably.
 
 :func:`export_maildir` copies every message of the chosen folders into a Maildir, one file per
-message, and on later runs copies only what it has not copied yet::
+message, and on later runs copies only what it has not copied yet and follows the server's
+flag changes and deletions::
 
     async with trio_imappool.open_pool(host, username=u, password=p, max_size=8) as pool:
         result = await export_maildir(pool, "backup/Maildir")
-    print(result.messages_fetched, "new messages")
+    print(result.messages_fetched, "new messages", result.flags_changed, "flags changed")
+
+The export is **one-way**: it follows the server and never writes to it (folders are
+EXAMINEd, bodies fetched with ``BODY.PEEK[]``); a flag changed or a file deleted locally is not
+sent back, and the next flag change of that message on the server overwrites the local one.
 
 **Layout (Maildir++).** The destination is the Maildir of ``INBOX`` (``cur/``, ``new/``,
 ``tmp/``); every other folder is a subfolder ``.Name`` next to them, its hierarchy joined with
@@ -54,8 +59,38 @@ UIDVALIDITY is read once, at the start of a run: a folder deleted and created ag
 fetches from it may end that run with messages of both in its Maildir, named with the old
 UIDVALIDITY; the next run sees the new one and sorts them out as above.
 
-**Deleted messages.** The export never deletes: messages expunged on the server stay in the
-Maildir, and later flag changes on the server are not copied.
+**Following the server.** Every run brings the flags of the messages already exported up to
+date, before it fetches new ones, with as few round trips as the server allows:
+
+- The listing asks for each folder's ``HIGHESTMODSEQ`` too where the server has CONDSTORE (RFC
+  7162); the state file keeps it, with the UIDNEXT and message count of the run. A folder whose
+  UIDVALIDITY, HIGHESTMODSEQ, UIDNEXT and count are unchanged is not selected at all: with
+  LIST-STATUS, an unchanged account costs one round trip after the login.
+- With CONDSTORE, a changed folder is asked only for what changed: ``UID FETCH 1:* (FLAGS)
+  (CHANGEDSINCE m)``, with ``VANISHED`` added (after ``ENABLE QRESYNC``) where the server has
+  QRESYNC, which also names the messages expunged since. Without CONDSTORE (or on the first
+  run after an upgrade, or with a CONDSTORE server without QRESYNC whose counts show an
+  expunge) every message's flags are listed (``UID FETCH 1:* (FLAGS)``, no bodies) and
+  compared with the files; a message the listing lacks is gone, unless the listing is shorter
+  than the folder's count (then nothing is concluded). These commands are pipelined: one
+  connection asks about many folders in one round trip.
+- A message whose flags changed keeps its file, renamed to the new info letters (letters
+  other than ``DFRST``, a mail reader's keywords, are kept). ``rename(2)`` is atomic and the
+  state is written only at the end, so a run killed midway leaves every file under its old
+  name or its new one, and the next run asks again from the last saved modseq.
+- A message gone from the server keeps its file by default (a backup does not lose what it
+  had); it is counted in :attr:`FolderReport.gone` when first noticed, in
+  :attr:`FolderReport.gone_kept` on every run, and remembered in the state. With
+  ``delete=True`` the files of messages gone from the server are removed
+  (:attr:`FolderReport.removed`). ``\\Deleted`` on the server is the ``T`` letter, not a
+  deletion.
+
+Only responses that carry a UID count: other sessions' flag changes arrive without one and are
+never attributed to a message by their sequence number.
+
+**The state file** is versioned (``"format": 2``); a format 1 file (from before flags were
+followed) is upgraded on the first run, by one full FLAGS listing per folder and without
+fetching any message again.
 
 One export at a time per destination: a lock file (``trio-imappool.lock``, ``flock``) makes a
 second one fail at once with :class:`ExportError`.
@@ -145,6 +180,8 @@ _MAX_CRITERIA_CHARS: Final = 20_000
 # the fetching threads need the GIL too, and on a 2-core machine 4 writers of 64 were slower.
 # Messages held for writing: a full channel plus a batch per writer (384 with these values).
 _WRITERS: Final = 2
+# Messages of full FLAGS listings per connection in a flag pass (see _flag_pass).
+_FLAGS_PER_CONNECTION: Final = 5_000
 _WRITE_BATCH: Final = 128
 
 
@@ -1051,8 +1088,13 @@ async def _flag_pass(
     todo = [f for f in folders if f.step is not None and f.failure is None]
     if not todo:
         return
+    # Opening a connection costs round trips; a pipelined flag pass costs one. So the answers
+    # share the connection the listing used, and only long full listings (parsing them is
+    # the cost) are spread over more.
     size = pool.config.max_size
-    count = min(max_connections or size, size, len(todo))
+    listed = sum(f.server.messages for f in todo if f.step is not None and f.step.since is None)
+    wanted = 1 + listed // _FLAGS_PER_CONNECTION
+    count = min(max_connections or size, size, len(todo), wanted)
     groups: list[list[_Folder]] = [[] for _ in range(count)]
     loads = [0] * count
 
@@ -1466,13 +1508,17 @@ async def export_maildir(
     progress: Callable[[ExportProgress], object] | None = None,
     delete: bool = False,
 ) -> ExportResult:
-    """Export folders of the pool's account to a Maildir, fetching only what is missing.
+    """Export folders of the pool's account to a Maildir, fetching only what is missing and
+    following the server's flag changes and deletions (one-way).
 
     The folders are listed with their status (one ``LIST ... RETURN (STATUS ...)`` where the
-    server has LIST-STATUS), compared with the files in the Maildir, and the missing messages
-    fetched with :func:`~trio_imappool.fetch_many` over up to *max_connections* pooled
-    connections, while worker threads write them (see the module's documentation for the
-    layout, the file names and what happens on a crash or a new UIDVALIDITY). On a first
+    server has LIST-STATUS, with ``HIGHESTMODSEQ`` where it has CONDSTORE), compared with the
+    files and state in the Maildir; the folders that changed since the last run get a flag
+    pass (flags only, pipelined; see "Following the server" in the module's documentation),
+    unchanged ones are not selected, and the missing messages are fetched with
+    :func:`~trio_imappool.fetch_many` over up to *max_connections* pooled connections, while
+    worker threads write them (see the module's documentation for the layout, the file names
+    and what happens on a crash or a new UIDVALIDITY). On a first
     export (no state file in *destination* yet) the other connections are opened while the
     folders are listed, instead of when the fetching starts.
 
@@ -1495,6 +1541,9 @@ async def export_maildir(
             Without it an export is still safe against a killed process, not a power cut.
         progress: Called (synchronously, from the Trio thread) with an
             :class:`ExportProgress` after every batch of files written.
+        delete: Remove the files of messages gone from the server (those noticed in this run
+            and those kept by earlier runs). By default they are kept and counted
+            (:attr:`FolderReport.gone`, :attr:`FolderReport.gone_kept`).
 
     Returns:
         An :class:`ExportResult`; :attr:`ExportResult.complete` is False when a folder failed
@@ -1509,13 +1558,20 @@ async def export_maildir(
         FanOutError: A FETCH failed in a way that ends the session (the original,
             imapclient's or the pool's, is ``__cause__``). Every message written before
             stays, and the next run goes on.
+        imapclient.exceptions.IMAPClientError, OSError: The flag pass failed in a way that
+            ends the session (EOF, timeout, a garbled answer; as imapclient raises it). Every
+            file renamed before stays renamed; the next run asks again.
         ConnectError, PoolTimeout: As from :meth:`Pool.connection` for the listing.
 
     Errors come out as they were raised, never wrapped in an exception group.
 
     **Cancellation**: a checkpoint. A cancellation interrupts the commands in flight, lets the
-    files being written land in ``cur/`` (a worker thread finishes its batch), and saves no
-    state; every file in ``cur/`` is a whole message, and the next run fetches the rest.
+    files being written land in ``cur/`` (a worker thread finishes its batch, or its renames),
+    and saves no state; every file in ``cur/`` is a whole message under its old name or its
+    new one, and the next run fetches the rest and asks for the flag changes again.
+
+    Connections used for a flag pass on a server with QRESYNC keep it enabled (RFC 7162): the
+    server reports expunges on them as ``VANISHED`` instead of ``EXPUNGE`` from then on.
     """
     await trio.lowlevel.checkpoint()
     for pattern in [*(folders or ()), *exclude]:

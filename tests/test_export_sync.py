@@ -474,3 +474,58 @@ def test_flag_responses_without_a_uid_are_never_attributed_to_a_message() -> Non
     assert parse_uid_set(b" 41,45:43 ") == {41, 43, 44, 45}
     with pytest.raises(Exception, match="UID set"):
         parse_uid_set(b"1:*")
+
+
+DOVECOT_WITHOUT_QRESYNC = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES "
+    "THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN "
+    "NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE ESEARCH ESORT SEARCHRES WITHIN "
+    "CONTEXT=SEARCH LIST-STATUS BINARY MOVE SPECIAL-USE"
+)
+
+
+async def test_flags_and_deletions_follow_a_condstore_server_without_qresync(
+    dovecot_factory: Any, tmp_path: Path
+) -> None:
+    """Gmail's case: CONDSTORE and LIST-STATUS, no QRESYNC. Expunges show in the counts, and
+    then the folder's UID set is compared; flag changes alone are asked for by modseq."""
+    server = dovecot_factory(extra_config=f"imap_capability = {DOVECOT_WITHOUT_QRESYNC}\n")
+    settings = new_user(server)
+    seed_folders(settings, FOLDERS, flags=flags_for)
+    async with recording_relay(settings["host"], settings["port"]) as relay:
+        through = {**settings, "port": relay.port}
+        await follow_the_server(DovecotAccount(settings), through, tmp_path / "Mail")
+        fetches = relay.lines(b"(FLAGS)")
+        assert fetches and not any(b"VANISHED" in line for line in fetches)
+        assert not relay.lines(b"QRESYNC")
+        # A flag change alone: asked for by modseq, no full listing.
+        account = DovecotAccount(settings)
+        account.change("Other", sorted(account.flags("Other")), (2, 0, 0, 0))
+        relay.clear()
+        result = await export(through, tmp_path / "Mail")
+        assert report(result, "Other") == (0, 2, 0, 0, 0)
+        (fetch,) = relay.lines(b"(FLAGS)")
+        assert b"(CHANGEDSINCE " in fetch
+
+
+async def test_delete_never_removes_a_message_a_short_flags_listing_leaves_out(
+    tmp_path: Path,
+) -> None:
+    """A server whose FLAGS listing leaves a message out (fewer than EXAMINE counted) proves
+    nothing about it: the file stays, even with delete=True, and nothing is reported gone."""
+    async with open_scripted_server(folders=scripted_folders()) as server:
+        settings = server.pool_kwargs()
+        root = tmp_path / "Mail"
+        await export(settings, root)
+        before = local_flags(root, "INBOX")
+        server.account.folders["INBOX"].messages[4].in_fetch = False
+
+        result = await export(settings, root, delete=True)
+
+        assert report(result, "INBOX") == (0, 0, 0, 0, 0)
+        assert local_flags(root, "INBOX") == before
+        # Truly expunged, it goes.
+        del server.account.folders["INBOX"].messages[4]
+        result = await export(settings, root, delete=True)
+        assert report(result, "INBOX") == (0, 0, 1, 0, 1)
+        assert len(local_flags(root, "INBOX")) == len(before) - 1

@@ -529,3 +529,53 @@ async def test_delete_never_removes_a_message_a_short_flags_listing_leaves_out(
         result = await export(settings, root, delete=True)
         assert report(result, "INBOX") == (0, 0, 1, 0, 1)
         assert len(local_flags(root, "INBOX")) == len(before) - 1
+
+
+def age_directories(root: Path, seconds: float = 10) -> None:
+    """Make every folder's cur/ and new/ look untouched for *seconds* (file times are what
+    tells a run whether it must list the files)."""
+    past = time.time() - seconds
+    for sub in root.rglob("*"):
+        if sub.is_dir() and sub.name in ("cur", "new"):
+            os.utime(sub, (past, past))
+
+
+async def test_unchanged_directories_are_not_listed_and_any_change_to_them_is_noticed(
+    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_imappool import _export
+
+    settings = new_user(dovecot)
+    seed_folders(settings, FOLDERS, flags=flags_for)
+    root = tmp_path / "Mail"
+    await export(settings, root)
+    age_directories(root)
+    await export(settings, root)  # lists the files, and notes the directories' times
+    listed: list[Path] = []
+    real_scan = _export._scan
+
+    def scan(path: Path) -> Any:
+        listed.append(path)
+        return real_scan(path)
+
+    monkeypatch.setattr(_export, "_scan", scan)
+
+    quiet = await export(settings, root)
+
+    assert listed == [] and quiet.complete
+    assert sum(f.exported for f in quiet.folders) == sum(FOLDERS.values())
+    # A flag change on the server: the folder's files are listed to be renamed.
+    account = DovecotAccount(settings)
+    account.change("Other", sorted(account.flags("Other")), (3, 0, 0, 0))
+    changed = await export(settings, root)
+    assert report(changed, "Other")[1] == 3 and listed == [root / ".Other"]
+    assert local_flags(root, "Other") == account.flags("Other")
+    # A file removed behind the exporter's back changes cur/'s time: listed, fetched again.
+    age_directories(root)
+    await export(settings, root)
+    listed.clear()
+    victim = next((root / "cur").iterdir())
+    victim.unlink()
+    again = await export(settings, root)
+    assert root in listed and report(again, "INBOX")[0] == 1
+    assert victim.exists()

@@ -529,6 +529,11 @@ class FolderState:
             unknown (the next run compares every message's flags).
         uidnext: The folder's UIDNEXT at the start of that run (0 if unknown).
         messages: Its message count then (-1 if unknown).
+        listing: ``(cur, new, at)``: the modification times (ns) of ``cur/`` and ``new/``
+            when a run last listed them, and when (``time.time_ns()``). While both are
+            unchanged (and were at least two seconds old then: file times are coarse), no file
+            was added, renamed or removed, so a run takes :attr:`uids` and :attr:`gone` as the
+            files there without listing them. ``(0, 0, 0)``: list them.
     """
 
     folder: str
@@ -539,6 +544,7 @@ class FolderState:
     highestmodseq: int = 0
     uidnext: int = 0
     messages: int = -1
+    listing: tuple[int, int, int] = (0, 0, 0)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -552,6 +558,7 @@ class FolderState:
                 "messages": self.messages,
                 "uids": _uid_ranges(sorted(self.uids)),
                 "gone": _uid_ranges(sorted(self.gone)),
+                "listing": list(self.listing),
             },
             ensure_ascii=False,
         )
@@ -578,6 +585,25 @@ def _parse_ranges(text: str) -> set[int]:
     return uids
 
 
+def _listing(raw: object) -> tuple[int, int, int]:
+    if isinstance(raw, list) and len(raw) == 3 and all(type(x) is int for x in raw):
+        return (raw[0], raw[1], raw[2])
+    return (0, 0, 0)
+
+
+_LISTING_AGE_NS: Final = 2_000_000_000  # how old the directories' times must be to be trusted
+
+
+def _dir_times(path: Path) -> tuple[int, int]:
+    return os.stat(path / "cur").st_mtime_ns, os.stat(path / "new").st_mtime_ns
+
+
+def _listing_holds(listing: tuple[int, int, int], times: tuple[int, int]) -> bool:
+    """Whether the directories are as a run listed them (see :attr:`FolderState.listing`)."""
+    cur, new, at = listing
+    return at > 0 and (cur, new) == times and max(times) < at - _LISTING_AGE_NS
+
+
 def read_folder_state(path: str | os.PathLike[str]) -> FolderState | None:
     """The state of the folder directory *path*, or None if there is none, it is unreadable,
     or of a format this version does not know. A format 1 state is upgraded (see
@@ -601,6 +627,7 @@ def read_folder_state(path: str | os.PathLike[str]) -> FolderState | None:
             highestmodseq=max(0, int(raw["highestmodseq"])),
             uidnext=max(0, int(raw["uidnext"])),
             messages=max(-1, int(raw["messages"])),
+            listing=_listing(raw.get("listing")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -652,7 +679,8 @@ class _Folder:
     missing: list[int] = dataclasses.field(default_factory=list)  # asked for, not returned
     failure: str | None = None  # why the folder could not be exported
     # Following the server (flags and deletions):
-    files: dict[int, Path] = dataclasses.field(default_factory=dict)  # UID -> its file
+    # UID -> (subdirectory, name); None until listed (unchanged directories are not listed).
+    files: dict[int, tuple[str, str]] | None = None
     gone: set[int] = dataclasses.field(default_factory=set)  # gone from the server, file kept
     modseq: int = 0  # the trusted HIGHESTMODSEQ of the last run (0: compare every message)
     last_counts: tuple[int, int] = (0, -1)  # (UIDNEXT, MESSAGES) at the last run, if trusted
@@ -666,11 +694,19 @@ class _Folder:
     def cur(self) -> Path:
         return self.path / "cur"
 
+    def listed(self) -> dict[int, tuple[str, str]]:
+        """This UIDVALIDITY's files, listed now if they were not. Synchronous."""
+        if self.files is None:
+            uidvalidity = self.server.uidvalidity
+            found = _scan(self.path).items()
+            self.files = {uid: file for (uv, uid), file in found if uv == uidvalidity}
+        return self.files
+
     @property
     def tmp(self) -> Path:
         return self.path / "tmp"
 
-    def state(self) -> FolderState:
+    def state(self, listing: tuple[int, int, int] = (0, 0, 0)) -> FolderState:
         """The state after the run: every message below the UIDNEXT listed is here, or below
         the first message the server did not return (so that the next run asks again); the
         flags are those of the HIGHESTMODSEQ listed if the flag pass completed."""
@@ -687,6 +723,7 @@ class _Folder:
             highestmodseq=self.server.highestmodseq if synced else self.modseq,
             uidnext=uidnext,
             messages=messages,
+            listing=listing,
         )
 
 
@@ -695,15 +732,22 @@ def _make_maildir(path: Path) -> None:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _scan(path: Path) -> dict[tuple[int, int], Path]:
-    """Our message files in ``cur/`` and ``new/``: (uidvalidity, uid) -> path."""
-    found: dict[tuple[int, int], Path] = {}
+def _scan(path: Path) -> dict[tuple[int, int], tuple[str, str]]:
+    """Our message files in ``cur/`` and ``new/``: (uidvalidity, uid) -> (subdirectory, name).
+
+    Plain strings, not paths: a run that finds nothing changed still lists every file, and
+    making 20,000 ``Path`` objects cost more than the rest of such a run."""
+    found: dict[tuple[int, int], tuple[str, str]] = {}
+    match = _NAME_RE.match
     for sub in ("cur", "new"):
         with os.scandir(path / sub) as entries:
             for entry in entries:
-                key = parse_message_filename(entry.name)
-                if key is not None and key not in found:
-                    found[key] = path / sub / entry.name
+                parsed = match(entry.name)
+                if parsed is None:
+                    continue
+                key = int(parsed.group(1)), int(parsed.group(2))
+                if key not in found:
+                    found[key] = (sub, entry.name)
     return found
 
 
@@ -827,14 +871,29 @@ def _prepare_one(root: Path, server: ServerFolder, path: Path) -> _Folder:
     _make_maildir(path)
     _clean_tmp(path)
     state = read_folder_state(path)
-    files = _scan(path)
     # Files of another server folder (the state names it): never counted as this one's.
     foreign = state is not None and not _same_folder(state.folder, server.name)
+    if (
+        state is not None
+        and not foreign
+        and state.uidvalidity == server.uidvalidity
+        and state.synced_below <= server.uidnext
+        and _listing_holds(state.listing, _dir_times(path))
+    ):
+        # Nothing was added, renamed or removed since the last run listed the files.
+        exported = set(state.uids | state.gone)
+        folder = _Folder(server, path, exported, state.synced_below, state)
+        folder.gone = set(state.gone)
+        folder.modseq = state.highestmodseq
+        folder.last_counts = (state.uidnext, state.messages)
+        _plan(folder)
+        return folder
+    files = _scan(path)
     stale = {k: f for k, f in files.items() if foreign or k[0] != server.uidvalidity}
-    for (uidvalidity, _uid), file in sorted(stale.items()):
+    for (uidvalidity, _uid), (sub, name) in sorted(stale.items()):
         aside = _replaced_dir(root, path, uidvalidity)
         _make_maildir(aside)
-        os.rename(file, aside / file.parent.name / file.name)
+        os.rename(path / sub / name, aside / sub / name)
     mine = {key[1]: file for key, file in files.items() if key not in stale}
     exported = set(mine)
     synced_below = 0
@@ -1006,26 +1065,29 @@ def _rename_for_flags(folder: _Folder, flags: dict[int, tuple[bytes, ...]], fsyn
     Synchronous.
     """
     changed = 0
-    dirs: set[Path] = set()
+    dirs: set[str] = set()
+    files = folder.listed()
     for uid, server_flags in flags.items():
-        old = folder.files.get(uid)
-        if old is None or uid in folder.gone:
+        file = files.get(uid)
+        if file is None or uid in folder.gone:
             continue  # a new message of this run, or one not exported yet
-        base, sep, info = old.name.partition(":2,")
+        sub, name = file
+        base, sep, info = name.partition(":2,")
         new_info = _new_info(info, maildir_flags(server_flags))
         if sep and new_info == info:
             continue
-        new = old.with_name(f"{base}:2,{new_info}")
+        new = f"{base}:2,{new_info}"
+        directory = f"{folder.path}/{sub}"
         try:
-            os.rename(old, new)
+            os.rename(f"{directory}/{name}", f"{directory}/{new}")
         except FileNotFoundError:
             continue  # moved or removed meanwhile (by a mail reader)
-        folder.files[uid] = new
+        files[uid] = (sub, new)
         changed += 1
-        dirs.add(old.parent)
+        dirs.add(directory)
     if fsync:
         for directory in dirs:
-            _fsync_dir(directory)
+            _fsync_dir(Path(directory))
     return changed
 
 
@@ -1059,13 +1121,15 @@ def _remove_gone(folders: Sequence[_Folder], fsync: bool) -> None:
         if folder.failure is not None or not folder.gone:
             continue
         dirs: set[Path] = set()
+        files = folder.listed()
         for uid in sorted(folder.gone):
-            file = folder.files.pop(uid, None)
+            file = files.pop(uid, None)
             if file is not None:
+                sub, name = file
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(file)
+                    os.unlink(folder.path / sub / name)
                     folder.removed += 1
-                dirs.add(file.parent)
+                dirs.add(folder.path / sub)
             folder.exported.discard(uid)
         folder.gone.clear()
         if fsync:
@@ -1713,6 +1777,15 @@ async def _export(
 
 def _save_states(folders: Sequence[_Folder], fsync: bool) -> None:
     for folder in folders:
-        state = folder.state()
-        if state != folder.old_state:
+        times = _dir_times(folder.path)
+        listing = (*times, time.time_ns())
+        old = folder.old_state
+        if (
+            old is not None
+            and old.listing[:2] == times
+            and (_listing_holds(old.listing, times) or not _listing_holds(listing, times))
+        ):
+            listing = old.listing  # the same directories: no reason to write the state
+        state = folder.state(listing)
+        if state != old:
             _write_state(folder.path, state, fsync)

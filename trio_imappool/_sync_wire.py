@@ -226,10 +226,11 @@ def fetch_flags(client: IMAPClient, steps: Sequence[FlagStep], qresync: bool) ->
     if unselect is not None:
         _complete(imap, "UNSELECT", unselect)
     if enable is not None:
-        typ, answer = _complete(imap, "ENABLE", enable)
-        if typ != "OK":
-            raise _failure("enable", typ, answer)  # a server that announces QRESYNC: odd
-        _qresync_on.add(client)
+        typ, _answer = _complete(imap, "ENABLE", enable)
+        if typ == "OK":
+            _qresync_on.add(client)
+        # Else (a server that announces QRESYNC but refuses it): the FETCHes with VANISHED
+        # get a BAD, and their folders fail in this run; the connection is fine.
     for step, answer_, (examine, fetch) in zip(steps, answers, tags, strict=True):
         imap.untagged_responses = {}
         typ, answer = _complete(imap, "EXAMINE", examine)

@@ -524,11 +524,23 @@ async def test_delete_never_removes_a_message_a_short_flags_listing_leaves_out(
 
         assert report(result, "INBOX") == (0, 0, 0, 0, 0)
         assert local_flags(root, "INBOX") == before
-        # Truly expunged, it goes.
+        # Truly expunged, it goes; so do all of a folder emptied on the server.
         del server.account.folders["INBOX"].messages[4]
+        server.account.folders["Other"].messages.clear()
         result = await export(settings, root, delete=True)
         assert report(result, "INBOX") == (0, 0, 1, 0, 1)
         assert len(local_flags(root, "INBOX")) == len(before) - 1
+        assert report(result, "Other") == (0, 0, 12, 0, 12)
+        assert local_flags(root, "Other") == {}
+
+
+def test_delete_with_many_accounts_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    result = cli(
+        "export", "--accounts", str(tmp_path / "none.toml"), "--delete", str(tmp_path / "m"),
+        password="x",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--delete is not supported with --accounts" in result.stderr
 
 
 def age_directories(root: Path, seconds: float = 10) -> None:

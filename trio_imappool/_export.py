@@ -1016,8 +1016,8 @@ def _flag_step(folder: _Folder, caps: _Capabilities) -> FlagStep | None:
     changed since the last run's modseq, and with QRESYNC the UIDs expunged since then.
     """
     server = folder.server
-    if not folder.exported - folder.gone or server.messages == 0:
-        return None
+    if not folder.exported - folder.gone:
+        return None  # nothing here whose flags could change (a first export, say)
     modseq = server.highestmodseq
     if not caps.condstore or modseq == 0 or folder.modseq == 0 or modseq < folder.modseq:
         return FlagStep(server.name)
@@ -1043,10 +1043,6 @@ def _plan_flags(folders: Sequence[_Folder], caps: _Capabilities) -> None:
             continue
         folder.step = _flag_step(folder, caps)
         if folder.step is None:
-            if folder.server.messages == 0:  # the server says so: every message is gone
-                newly = folder.exported - folder.gone
-                folder.gone |= newly
-                folder.gone_new += len(newly)
             folder.flags_synced = True
 
 

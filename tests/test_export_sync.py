@@ -390,7 +390,7 @@ def rename(src, dst, *args, **kwargs):
     real(src, dst, *args, **kwargs)
     with open(sys.argv[1], "a") as done:
         done.write("x")
-    time.sleep(0.1)
+    time.sleep(0.25)  # a window of seconds to kill it in, even on a loaded machine
 os.rename = rename
 from trio_imappool.__main__ import main
 sys.exit(main(sys.argv[2:]))
@@ -419,7 +419,7 @@ def test_a_run_killed_during_the_flag_pass_ends_the_same_when_run_again(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
-    while not (renames.exists() and len(renames.read_text()) >= 4):
+    while not (renames.exists() and len(renames.read_text()) >= 3):
         assert process.poll() is None, "the run ended before it was killed"
         assert time.monotonic() < deadline, "no flag was changed"
         time.sleep(0.005)
@@ -427,7 +427,7 @@ def test_a_run_killed_during_the_flag_pass_ends_the_same_when_run_again(
     process.wait(timeout=10)
     assert process.returncode == -signal.SIGKILL
     done = len(renames.read_text())
-    assert 4 <= done < 13  # killed mid-way: some files renamed, some not
+    assert 3 <= done < 12  # killed mid-way: some files renamed, some not
     local = local_flags(root, "INBOX")  # one file per UID: the old name or the new one
     assert set(local) == (set(server) - set(changes.appended)) | set(changes.expunged)
 

@@ -19,6 +19,16 @@ imported when a test first asks for a fixture. (Hypothesis ships its plugin the 
     :func:`~trio_imappool.testing.start_dovecot` and returning a started server; every server it
     started is stopped and removed when the test ends.
 
+``cyrus`` (session scope) and ``cyrus_factory`` (function scope)
+    The same for Cyrus IMAP (:func:`~trio_imappool.testing.start_cyrus`): alice and bob, no
+    per-user limit on the shared one. They fail, never skip, when Cyrus is not installed. When
+    a test using one fails, the end of Cyrus's log is added to its report.
+
+``imap_server`` (session scope, parametrised ``dovecot`` and ``cyrus``)
+    The shared Dovecot, then the shared Cyrus: a test that takes it runs once against each. For
+    tests of IMAP behaviour, not of one server's administration; both servers have
+    ``pool_kwargs``, ``add_user``, ``kick``, ``connections`` and ``/`` as hierarchy separator.
+
 ``redis_server`` (function scope)
     A private, empty :class:`~trio_imappool.testing.RedisServer` (Debian's ``redis-server``)
     for the test; ``stop()`` and ``start()`` it to make Redis unreachable and then empty.
@@ -38,9 +48,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from trio_imappool.testing import DovecotFactory, DovecotServer, RedisServer
+    from trio_imappool.testing import (
+        CyrusFactory,
+        CyrusServer,
+        DovecotFactory,
+        DovecotServer,
+        ImapServer,
+        RedisServer,
+    )
 
-__all__ = ["dovecot", "dovecot_factory", "redis_server"]
+__all__ = ["cyrus", "cyrus_factory", "dovecot", "dovecot_factory", "imap_server", "redis_server"]
 
 
 def _missing_trustme(exc: ModuleNotFoundError) -> None:
@@ -98,3 +115,57 @@ def redis_server() -> Iterator[RedisServer]:
         except RedisNotFoundError as exc:
             pytest.fail(f"these tests need a real Redis: {exc}", pytrace=False)
         yield server
+
+
+def _start_cyrus(stack: contextlib.ExitStack, **kwargs: Any) -> CyrusServer:
+    try:
+        from trio_imappool.testing import CyrusNotFoundError, start_cyrus
+    except ModuleNotFoundError as exc:
+        _missing_trustme(exc)
+        raise
+    try:
+        server = stack.enter_context(start_cyrus(**kwargs))
+    except CyrusNotFoundError as exc:
+        pytest.fail(f"these tests need a real Cyrus IMAP: {exc}", pytrace=False)
+    _cyrus_servers.append(server)
+    stack.callback(_cyrus_servers.remove, server)
+    return server
+
+
+# The running Cyrus servers, whose log a failed test's report shows.
+_cyrus_servers: list[CyrusServer] = []
+
+
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[CyrusServer]:
+    """The session's shared Cyrus IMAP (alice and bob, no per-user limit)."""
+    with contextlib.ExitStack() as stack:
+        yield _start_cyrus(stack)
+
+
+@pytest.fixture
+def cyrus_factory() -> Iterator[CyrusFactory]:
+    """Start Cyrus servers of the test's own; all are stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+
+        def factory(**kwargs: Any) -> CyrusServer:
+            return _start_cyrus(stack, **kwargs)
+
+        yield factory
+
+
+@pytest.fixture(scope="session", params=["dovecot", "cyrus"])
+def imap_server(request: pytest.FixtureRequest) -> ImapServer:
+    """The shared Dovecot, then the shared Cyrus (see the module's docstring)."""
+    server: ImapServer = request.getfixturevalue(request.param)
+    return server
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    names = " ".join([*getattr(item, "fixturenames", ()), item.name])
+    if report.failed and _cyrus_servers and "cyrus" in names:
+        for server in _cyrus_servers:
+            report.sections.append((f"Cyrus log ({server.imap_port})", server.log_tail()))
+    return report

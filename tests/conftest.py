@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from trio_imappool import Pool
-from trio_imappool.testing import DovecotServer
+from trio_imappool.testing import DovecotServer, ImapServer
 
 _accounts = itertools.count(1)
 
@@ -39,6 +39,15 @@ def account(dovecot: DovecotServer) -> dict[str, Any]:
 def tls_account(dovecot: DovecotServer, account: dict[str, Any]) -> dict[str, Any]:
     """The same user as ``account``, over implicit TLS with the test CA."""
     return dovecot.pool_kwargs(account["username"], tls=True)
+
+
+@pytest.fixture
+def imap_account(imap_server: ImapServer) -> dict[str, Any]:
+    """Pool settings (plain IMAP) for a fresh user of the shared Dovecot, then of the shared
+    Cyrus: a test that takes it runs against both servers."""
+    name = f"user{next(_accounts)}"
+    imap_server.add_user(name, f"{name}-pw")
+    return imap_server.pool_kwargs(name, tls=False)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Folder-affine checkout: ``pool.connection(folder)`` against Dovecot."""
+"""Folder-affine checkout: ``pool.connection(folder)`` against Dovecot and Cyrus."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import trio.testing
 from imapclient.exceptions import IMAPClientError
 
 from trio_imappool import open_pool
-from trio_imappool.testing import DovecotServer, open_fault_proxy, seed_folders
+from trio_imappool.testing import ImapServer, open_fault_proxy, seed_folders
 
 from .conftest import assert_settled
 
 
 async def test_the_connection_comes_with_the_folder_selected(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = seed_folders(dovecot, {"Archive": 3}, user=account["username"])["Archive"]
-    async with open_pool(**account) as pool:
+    uids = seed_folders(imap_server, {"Archive": 3}, user=imap_account["username"])["Archive"]
+    async with open_pool(**imap_account) as pool:
         async with pool.connection("Archive", readonly=True) as conn:
             assert (conn.selected_folder, conn.readonly) == ("Archive", True)
             assert await conn.search(["ALL"]) == uids  # the server agrees
@@ -27,11 +27,11 @@ async def test_the_connection_comes_with_the_folder_selected(
 
 
 async def test_an_idle_connection_with_the_folder_selected_is_preferred_without_a_round_trip(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    seed_folders(dovecot, {"Archive": 1}, user=account["username"])
-    async with open_fault_proxy(account["host"], account["port"]) as proxy:
-        settings = dict(account, host=proxy.host, port=proxy.port)
+    seed_folders(imap_server, {"Archive": 1}, user=imap_account["username"])
+    async with open_fault_proxy(imap_account["host"], imap_account["port"]) as proxy:
+        settings = dict(imap_account, host=proxy.host, port=proxy.port)
         async with open_pool(**settings, max_size=2) as pool:
             async with pool.connection() as first, pool.connection() as second:
                 await first.select_folder("Archive")
@@ -49,8 +49,8 @@ async def test_an_idle_connection_with_the_folder_selected_is_preferred_without_
                 assert conn.selected_folder == "Archive"
 
 
-async def test_the_mode_must_match_too(account: dict[str, Any]) -> None:
-    async with open_pool(**account, max_size=1) as pool:
+async def test_the_mode_must_match_too(imap_account: dict[str, Any]) -> None:
+    async with open_pool(**imap_account, max_size=1) as pool:
         async with pool.connection("INBOX") as conn:
             assert conn.readonly is False
         async with pool.connection("INBOX", readonly=True) as conn:
@@ -62,11 +62,11 @@ async def test_the_mode_must_match_too(account: dict[str, Any]) -> None:
 
 
 async def test_preference_never_jumps_the_queue(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    seed_folders(dovecot, {"A": 1, "B": 1}, user=account["username"])
+    seed_folders(imap_server, {"A": 1, "B": 1}, user=imap_account["username"])
     order: list[str] = []
-    async with open_pool(**account, max_size=1) as pool:
+    async with open_pool(**imap_account, max_size=1) as pool:
         held = pool.connection("B")
         await held.__aenter__()
 
@@ -85,9 +85,9 @@ async def test_preference_never_jumps_the_queue(
 
 
 async def test_a_folder_that_does_not_exist_fails_the_checkout_and_keeps_the_connection(
-    account: dict[str, Any],
+    imap_account: dict[str, Any],
 ) -> None:
-    async with open_pool(**account) as pool:
+    async with open_pool(**imap_account) as pool:
         with pytest.raises(IMAPClientError):
             async with pool.connection("No such folder"):
                 pytest.fail("handed out without the folder")

@@ -41,6 +41,7 @@ from trio_imappool._export import (
 )
 from trio_imappool.testing import (
     DovecotServer,
+    ImapServer,
     make_message,
     seed_folders,
     start_proxy_thread,
@@ -75,7 +76,7 @@ def expected_letters(folder: str, i: int) -> str:
     return "".join(sorted(letters[f] for f in flags_for(folder, i) if f in letters))
 
 
-def new_user(server: DovecotServer) -> dict[str, Any]:
+def new_user(server: ImapServer) -> dict[str, Any]:
     name = f"export{next(_users)}"
     server.add_user(name, f"{name}-pw")
     return server.pool_kwargs(name, tls=False)
@@ -245,9 +246,9 @@ async def test_a_second_run_fetches_nothing_and_selects_no_folder(
 
 
 async def test_new_messages_are_fetched_by_the_next_run_and_only_they(
-    dovecot: DovecotServer, tmp_path: Path
+    imap_server: ImapServer, tmp_path: Path
 ) -> None:
-    settings = new_user(dovecot)
+    settings = new_user(imap_server)
     uids = seed_folders(settings, FOLDERS, flags=flags_for)
     root = tmp_path / "Mail"
     await export(settings, root)

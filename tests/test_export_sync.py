@@ -251,6 +251,19 @@ async def test_flags_and_deletions_follow_a_server_without_condstore_qresync_or_
 class Relay:
     port: int
     sent: list[bytearray]  # what each client connection sent
+    # Every chunk passed on, in order: (True for client to server, the bytes).
+    events: list[tuple[bool, bytes]] = dataclasses.field(default_factory=list)
+    delay: float = 0.0  # added to each answer of the server: a round trip to see
+
+    def round_trips(self) -> int:
+        """How many times the clients waited for the server: runs of server chunks that
+        follow client chunks (the greeting's included)."""
+        trips, last = 0, True
+        for up, _data in self.events:
+            if not up and last:
+                trips += 1
+            last = up
+        return trips
 
     def commands(self) -> list[str]:
         """Each command's name (``UID FETCH`` for the UID forms), LOGIN's arguments left out."""
@@ -276,6 +289,7 @@ class Relay:
 
     def clear(self) -> None:
         self.sent.clear()
+        self.events.clear()
 
 
 @contextlib.asynccontextmanager
@@ -288,6 +302,9 @@ async def recording_relay(host: str, port: int) -> AsyncIterator[Relay]:
             async for chunk in src:
                 if keep is not None:
                     keep += chunk
+                elif relay.delay:
+                    await trio.sleep(relay.delay)
+                relay.events.append((keep is not None, bytes(chunk)))
                 await dst.send_all(chunk)
 
     async def handle(client: trio.SocketStream) -> None:
@@ -322,14 +339,18 @@ async def test_a_no_change_run_on_50_folders_selects_nothing_and_a_flag_change_f
         through = {**settings, "port": relay.port}
         await export(through, root)
         relay.clear()
+        relay.delay = 0.05  # a round trip not to be missed
 
         result = await export(through, root)
 
+        relay.delay = 0.0
         assert len(result.folders) == 50 and result.complete
         commands = relay.commands()
         assert "SELECT" not in commands and "EXAMINE" not in commands
-        # After LOGIN: one LIST ... RETURN (STATUS ... HIGHESTMODSEQ), then LOGOUT.
-        assert commands == ["LOGIN", "LIST", "LOGOUT"], commands
+        # After LOGIN: NAMESPACE and LIST ... RETURN (STATUS ... HIGHESTMODSEQ) pipelined (one
+        # round trip), then LOGOUT. Round trips: greeting, LOGIN, the listing, LOGOUT.
+        assert commands == ["LOGIN", "NAMESPACE", "LIST", "LOGOUT"], commands
+        assert relay.round_trips() == 4, relay.events
         (listing,) = relay.lines(b"LIST")
         assert b"RETURN (STATUS (" in listing and b"HIGHESTMODSEQ" in listing
 

@@ -23,7 +23,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from trio_util import AsyncValue
 
 from trio_imappool import Connection, Pool, PoolError, _fanout, open_pool
-from trio_imappool._client import PipelinedFetch
+from trio_imappool._client import PipelinedFetch, after_noop
 from trio_imappool._fanout import (
     FanOutError,
     Progress,
@@ -34,7 +34,13 @@ from trio_imappool._fanout import (
     remove_flags_many,
     search_many,
 )
-from trio_imappool.testing import DovecotServer, FaultProxy, make_message, open_fault_proxy
+from trio_imappool.testing import (
+    DovecotServer,
+    FaultProxy,
+    ImapServer,
+    make_message,
+    open_fault_proxy,
+)
 from trio_imappool.testing import seed_folders as _seed
 
 from .conftest import assert_settled
@@ -43,7 +49,7 @@ BODY = ["BODY.PEEK[]"]
 
 
 def seed(
-    dovecot: DovecotServer, account: dict[str, Any], folders: dict[str, int], size: int = 600
+    dovecot: ImapServer, account: dict[str, Any], folders: dict[str, int], size: int = 600
 ) -> dict[str, list[int]]:
     return _seed(dovecot, folders, user=account["username"], size=size)
 
@@ -65,6 +71,20 @@ class Commands:
             return result
 
         monkeypatch.setattr(Connection, name, recording)
+        if name != "fetch":
+            # A write batch on a connection that had the folder selected runs the command
+            # with a NOOP pipelined before it, through run_sync.
+            plain_run_sync = Connection.run_sync
+
+            async def run_sync_after_noop(conn: Connection, fn: Any, *args: Any) -> Any:
+                if fn is not after_noop or args[0] != name:
+                    return await plain_run_sync(conn, fn, *args)
+                self.batches.append((conn.number, list(args[1][0])))
+                result = await plain_run_sync(conn, fn, *args)
+                self.done.value += 1
+                return result
+
+            monkeypatch.setattr(Connection, "run_sync", run_sync_after_noop)
         if name == "fetch":
             # fetch_many sends its FETCHes pipelined, a few batches in one thread hop.
             real_run_sync = Connection.run_sync
@@ -187,18 +207,18 @@ async def test_a_stalled_consumer_stops_the_fetching_and_holds_no_connection(
 
 
 async def test_explicit_uids_give_the_totals_at_once_and_expunged_messages_count_as_done(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = seed(dovecot, account, {"INBOX": 20, "Other": 7}, size=500)
+    uids = seed(imap_server, imap_account, {"INBOX": 20, "Other": 7}, size=500)
     gone = uids["INBOX"][3:8]
-    client = IMAPClient(account["host"], account["port"], ssl=False)
-    client.login(account["username"], account["password"])
+    client = IMAPClient(imap_account["host"], imap_account["port"], ssl=False)
+    client.login(imap_account["username"], imap_account["password"])
     client.select_folder("INBOX")
     client.delete_messages(gone)
     client.expunge()
     client.logout()
     async with (
-        open_pool(**account, max_size=2) as pool,
+        open_pool(**imap_account, max_size=2) as pool,
         fetch_many(pool, uids, BODY, batch_size=6) as results,
     ):
         first = results.progress
@@ -224,11 +244,11 @@ async def test_explicit_uids_give_the_totals_at_once_and_expunged_messages_count
 
 
 async def test_searched_folders_are_fetched_on_the_connection_that_searched(
-    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    imap_server: ImapServer, imap_account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seed(dovecot, account, {"A": 30, "B": 0})
+    seed(imap_server, imap_account, {"A": 30, "B": 0})
     fetches = Commands(monkeypatch, "fetch")
-    async with open_pool(**account, max_size=1) as pool:
+    async with open_pool(**imap_account, max_size=1) as pool:
         async with fetch_many(
             pool, {"A": ["UID", "5:24"], "B": "ALL"}, ["UID", "RFC822.SIZE"], batch_size=10
         ) as results:
@@ -245,11 +265,11 @@ async def test_searched_folders_are_fetched_on_the_connection_that_searched(
 
 
 async def test_max_connections_bounds_the_connections_used_at_once(
-    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    imap_server: ImapServer, imap_account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uids = seed(dovecot, account, {f"F{i}": 12 for i in range(6)}, size=300)
+    uids = seed(imap_server, imap_account, {f"F{i}": 12 for i in range(6)}, size=300)
     fetches = Commands(monkeypatch, "fetch")
-    async with proxied_pool(account, latency=0.005, max_size=8) as (pool, _):
+    async with proxied_pool(imap_account, latency=0.005, max_size=8) as (pool, _):
         most = 0
 
         async def watch() -> None:
@@ -337,12 +357,12 @@ def fetch_pipelined_recording(
 
 
 async def test_pipelined_fetches_write_every_command_before_reading_an_answer(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = seed(dovecot, account, {"A": 6, "B": 3})
+    uids = seed(imap_server, imap_account, {"A": 6, "B": 3})
     a, b = uids["A"], uids["B"]
     steps = [("A", a[:3]), ("A", a[3:]), ("B", b)]
-    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+    async with open_pool(**imap_account, max_size=1) as pool, pool.connection() as conn:
         events, outcomes = await conn.run_sync(fetch_pipelined_recording, steps)
         assert events[:6] == [b"EXAMINE", b"UID", b"UID", b"EXAMINE", b"UID", b"<read>"]
         assert set(events[6:]) == {b"<read>"}
@@ -356,12 +376,12 @@ async def test_pipelined_fetches_write_every_command_before_reading_an_answer(
 
 
 async def test_a_failed_examine_in_a_pipeline_returns_nothing_and_leaves_the_session_in_step(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = seed(dovecot, account, {"INBOX": 3, "B": 2})
+    uids = seed(imap_server, imap_account, {"INBOX": 3, "B": 2})
     inbox = uids["INBOX"]
     steps = [("Missing", inbox), ("Missing", inbox[:1]), ("B", uids["B"])]
-    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+    async with open_pool(**imap_account, max_size=1) as pool, pool.connection() as conn:
         await conn.select_folder("INBOX", readonly=True)
         # The UIDs exist in INBOX, which was selected: the FETCHes must not answer from it.
         _, outcomes = await conn.run_sync(fetch_pipelined_recording, steps)
@@ -411,10 +431,10 @@ async def test_a_failing_batch_raises_fan_out_error_once_from_the_iteration(
 
 
 async def test_a_failed_search_names_the_folder_and_the_criteria(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    seed(dovecot, account, {"INBOX": 3})
-    async with open_pool(**account, max_size=2) as pool:
+    seed(imap_server, imap_account, {"INBOX": 3})
+    async with open_pool(**imap_account, max_size=2) as pool:
         with pytest.raises(FanOutError) as info:
             async with fetch_many(pool, {"INBOX": "ALL", "Nowhere": ["UNSEEN"]}, BODY) as results:
                 async for _ in results:
@@ -475,10 +495,10 @@ async def test_a_connection_reset_mid_stream_names_the_batch_it_was_fetching(
 
 
 async def test_search_many_searches_every_folder_concurrently(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = seed(dovecot, account, {f"S{i}": i * 3 for i in range(8)})
-    async with proxied_pool(account, latency=0.05, max_size=8) as (pool, _):
+    uids = seed(imap_server, imap_account, {f"S{i}": i * 3 for i in range(8)})
+    async with proxied_pool(imap_account, latency=0.05, max_size=8) as (pool, _):
         await pool.run_sync(lambda client: None)  # one connection open: the others in parallel
         started = trio.current_time()
         found = await search_many(pool, reversed(uids), "ALL")
@@ -499,14 +519,14 @@ async def test_search_many_searches_every_folder_concurrently(
 
 
 async def test_a_search_sees_changes_made_since_its_connection_selected_the_folder(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = seed(dovecot, account, {"A": 10, "B": 0})
-    async with open_pool(**account, max_size=1) as pool:
+    uids = seed(imap_server, imap_account, {"A": 10, "B": 0})
+    async with open_pool(**imap_account, max_size=1) as pool:
         async with pool.connection() as conn:
             await conn.select_folder("A", readonly=True)
-        other = IMAPClient(account["host"], account["port"], ssl=False)
-        other.login(account["username"], account["password"])
+        other = IMAPClient(imap_account["host"], imap_account["port"], ssl=False)
+        other.login(imap_account["username"], imap_account["password"])
         other.select_folder("A")
         other.move(uids["A"][:4], "B")
         other.logout()
@@ -519,32 +539,32 @@ async def test_a_search_sees_changes_made_since_its_connection_selected_the_fold
 
 
 async def test_flags_are_added_and_removed_in_chunks_of_batch_size(
-    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    imap_server: ImapServer, imap_account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uids = seed(dovecot, account, {"INBOX": 45, "Lists": 10})
+    uids = seed(imap_server, imap_account, {"INBOX": 45, "Lists": 10})
     adds = Commands(monkeypatch, "add_flags")
     removes = Commands(monkeypatch, "remove_flags")
-    async with open_pool(**account, max_size=3) as pool:
+    async with open_pool(**imap_account, max_size=3) as pool:
         await add_flags_many(pool, uids, [r"\Flagged", "$Done"], batch_size=10)
         assert sorted(adds.sizes) == [5, 10, 10, 10, 10, 10]
-        flagged = await trio.to_thread.run_sync(flags_of, account, "INBOX")
+        flagged = await trio.to_thread.run_sync(flags_of, imap_account, "INBOX")
         assert all(set(f) >= {b"\\Flagged", b"$Done"} for f in flagged.values())
         await remove_flags_many(pool, {"INBOX": ["FLAGGED", "UID", "1:20"]}, r"\Flagged")
         assert removes.sizes == [20]
         await assert_settled(pool)
-    flagged = await trio.to_thread.run_sync(flags_of, account, "INBOX")
+    flagged = await trio.to_thread.run_sync(flags_of, imap_account, "INBOX")
     assert sorted(uid for uid, f in flagged.items() if b"\\Flagged" in f) == list(range(21, 46))
     assert all(b"$Done" in f for f in flagged.values())
     assert all(b"\\Seen" not in f for f in flagged.values())
 
 
 async def test_copy_and_move_run_in_chunks_and_report_a_missing_destination(
-    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    imap_server: ImapServer, imap_account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uids = seed(dovecot, account, {"A": 25, "B": 13, "Copies": 0, "Moved": 0})
+    uids = seed(imap_server, imap_account, {"A": 25, "B": 13, "Copies": 0, "Moved": 0})
     copies = Commands(monkeypatch, "copy")
     moves = Commands(monkeypatch, "move")
-    async with open_pool(**account, max_size=4) as pool:
+    async with open_pool(**imap_account, max_size=4) as pool:
         sources = {"A": uids["A"], "B": uids["B"]}
         await copy_many(pool, sources, "Copies", batch_size=10)
         assert sorted(copies.sizes) == [3, 5, 10, 10, 10]
@@ -587,10 +607,10 @@ async def test_arguments_are_checked_before_anything_starts(account: dict[str, A
 
 
 async def test_the_bulk_operations_are_methods_of_the_pool_too(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    uids = _seed(dovecot, {"INBOX": 5, "Other": 0}, user=account["username"])["INBOX"]
-    async with open_pool(**account, max_size=2) as pool:
+    uids = _seed(imap_server, {"INBOX": 5, "Other": 0}, user=imap_account["username"])["INBOX"]
+    async with open_pool(**imap_account, max_size=2) as pool:
         async with pool.fetch_many({"INBOX": "ALL"}, ["RFC822.SIZE"]) as results:
             fetched = [uid async for _, uid, _ in results]
         assert sorted(fetched) == uids

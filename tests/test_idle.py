@@ -64,6 +64,15 @@ def other(account: dict[str, Any]) -> Iterator[IMAPClient]:
     client.logout()
 
 
+@pytest.fixture
+def imap_other(imap_account: dict[str, Any]) -> Iterator[IMAPClient]:
+    """``other`` for ``imap_account``: Dovecot's, then Cyrus's."""
+    client = IMAPClient(imap_account["host"], imap_account["port"], ssl=False, timeout=10)
+    client.login(imap_account["username"], imap_account["password"])
+    yield client
+    client.logout()
+
+
 async def use(client: IMAPClient, fn: Callable[[IMAPClient], T]) -> T:
     return await trio.to_thread.run_sync(fn, client)
 
@@ -168,22 +177,22 @@ async def test_an_append_by_another_connection_arrives_within_a_second(
 
 
 async def test_flag_changes_and_expunges_arrive_parsed(
-    account: dict[str, Any], other: IMAPClient
+    imap_account: dict[str, Any], imap_other: IMAPClient
 ) -> None:
-    await use(other, lambda c: append(c, 3))
-    await use(other, lambda c: c.select_folder("INBOX"))
-    uids = sorted(await use(other, lambda c: c.search(["ALL"])))
-    async with open_pool(**account, max_size=2) as pool:
+    await use(imap_other, lambda c: append(c, 3))
+    await use(imap_other, lambda c: c.select_folder("INBOX"))
+    uids = sorted(await use(imap_other, lambda c: c.search(["ALL"])))
+    async with open_pool(**imap_account, max_size=2) as pool:
         async with idle(pool, "INBOX") as events:
             assert events.selected[b"EXISTS"] == 3
-            await use(other, lambda c: c.add_flags([uids[1]], [b"\\Flagged"]))
+            await use(imap_other, lambda c: c.add_flags([uids[1]], [b"\\Flagged"]))
             fetch = await next_event(events, "FETCH")
             assert fetch.number == 2
             assert b"\\Flagged" in fetch.data[b"FLAGS"]
             assert fetch.raw[:2] == (2, b"FETCH")
 
-            await use(other, lambda c: c.delete_messages([uids[0]]))
-            await use(other, lambda c: c.expunge())
+            await use(imap_other, lambda c: c.delete_messages([uids[0]]))
+            await use(imap_other, lambda c: c.expunge())
             expunge = await next_event(events, "EXPUNGE")
             assert (expunge.number, expunge.data, expunge.raw) == (1, {}, (1, b"EXPUNGE"))
         await assert_settled(pool)
@@ -286,9 +295,9 @@ async def test_control_imapclient_idle_check_dies_on_a_split_response(
 
 
 async def test_idle_is_renewed_before_renew_after_without_losing_pushes(
-    account: dict[str, Any], other: IMAPClient
+    imap_account: dict[str, Any], imap_other: IMAPClient
 ) -> None:
-    async with open_pool(**account, max_size=2) as pool:
+    async with open_pool(**imap_account, max_size=2) as pool:
         async with idle(pool, "INBOX", renew_after=0.2) as events:
             count = 0
             with trio.fail_after(PUSH_DEADLINE + 2):
@@ -296,7 +305,7 @@ async def test_idle_is_renewed_before_renew_after_without_losing_pushes(
 
                     async def append_slowly() -> None:
                         for _ in range(8):  # across several renewals, some during one
-                            await use(other, append)
+                            await use(imap_other, append)
                             await trio.sleep(0.07)
 
                     nursery.start_soon(append_slowly)
@@ -344,9 +353,9 @@ async def test_a_server_without_idle_is_polled_with_noop(dovecot_factory: Doveco
 
 
 async def test_leaving_the_block_ends_idle_and_returns_a_healthy_connection(
-    account: dict[str, Any],
+    imap_account: dict[str, Any],
 ) -> None:
-    async with open_pool(**account, max_size=2) as pool:
+    async with open_pool(**imap_account, max_size=2) as pool:
         async with idle(pool, "INBOX") as events:
             assert pool.statistics().in_use == 1
             assert "idle_commands=1" in repr(events)
@@ -362,9 +371,9 @@ async def test_leaving_the_block_ends_idle_and_returns_a_healthy_connection(
 
 
 async def test_the_idling_connection_is_not_handed_to_anyone_else(
-    account: dict[str, Any],
+    imap_account: dict[str, Any],
 ) -> None:
-    async with open_pool(**account, max_size=1) as pool:
+    async with open_pool(**imap_account, max_size=1) as pool:
         async with idle(pool, "INBOX"):
             with pytest.raises(PoolTimeout):
                 async with pool.connection(timeout=0.2):

@@ -30,7 +30,7 @@ from trio_imappool import (
     open_pool,
 )
 from trio_imappool._client import PooledClient, TrackingClient
-from trio_imappool.testing import DovecotServer, open_fault_proxy, seed_folders
+from trio_imappool.testing import DovecotServer, ImapServer, open_fault_proxy, seed_folders
 
 from .conftest import assert_consistent, assert_settled
 
@@ -78,9 +78,9 @@ async def test_quickstart_over_tls_selects_searches_fetches_and_counts(
 
 
 async def test_starttls_upgrades_the_plain_port(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    settings = dict(account, starttls=True, ssl_context=dovecot.ssl_context())
+    settings = dict(imap_account, starttls=True, ssl_context=imap_server.ssl_context())
     async with open_pool(**settings) as pool:
         cipher = await pool.run_sync(lambda client: client._imap.sock.cipher())
     assert cipher is not None
@@ -334,9 +334,9 @@ async def test_cancel_while_a_connection_is_being_opened_for_the_waiter(
 
 
 async def test_cancel_during_a_blocking_command_interrupts_it_at_once(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    async with open_pool(**account, read_timeout=20) as pool:
+    async with open_pool(**imap_account, read_timeout=20) as pool:
         started = trio.current_time()
         with trio.move_on_after(0.3) as scope:
             async with pool.connection() as conn:
@@ -386,8 +386,8 @@ async def test_the_callers_deadline_applies_to_commands_and_checkout(
 # -- errors on a connection --------------------------------------------------------------------
 
 
-async def test_a_no_answer_keeps_the_connection(account: dict[str, Any]) -> None:
-    async with open_pool(**account) as pool:
+async def test_a_no_answer_keeps_the_connection(imap_account: dict[str, Any]) -> None:
+    async with open_pool(**imap_account) as pool:
         async with pool.connection() as conn:
             await conn.select_folder("INBOX")
             with pytest.raises(IMAPClientError) as info:
@@ -402,8 +402,8 @@ async def test_a_no_answer_keeps_the_connection(account: dict[str, Any]) -> None
         assert pool.statistics().connections_discarded == 0
 
 
-async def test_a_bad_answer_keeps_the_connection(account: dict[str, Any]) -> None:
-    async with open_pool(**account) as pool:
+async def test_a_bad_answer_keeps_the_connection(imap_account: dict[str, Any]) -> None:
+    async with open_pool(**imap_account) as pool:
         async with pool.connection() as conn:
             await conn.select_folder("INBOX")
             with pytest.raises(IMAPClientError):
@@ -416,12 +416,12 @@ async def test_a_bad_answer_keeps_the_connection(account: dict[str, Any]) -> Non
 
 
 async def test_a_dropped_connection_is_discarded_and_replaced(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    async with open_pool(**account) as pool:
+    async with open_pool(**imap_account) as pool:
         async with pool.connection() as conn:
             await conn.noop()
-            await trio.to_thread.run_sync(dovecot.kick, account["username"])
+            await trio.to_thread.run_sync(imap_server.kick, imap_account["username"])
             with pytest.raises(IMAPClientAbortError):  # the original error, unwrapped
                 await conn.noop()
             assert conn.broken is not None
@@ -459,10 +459,10 @@ async def test_logout_by_the_user_discards_the_connection(account: dict[str, Any
 
 
 async def test_the_selected_folder_is_tracked_even_through_run_sync(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    seed_folders(dovecot, {"Archive": 1}, user=account["username"])
-    async with open_pool(**account, max_size=1) as pool:
+    seed_folders(imap_server, {"Archive": 1}, user=imap_account["username"])
+    async with open_pool(**imap_account, max_size=1) as pool:
         async with pool.connection() as conn:
             assert (conn.selected_folder, conn.readonly) == (None, None)
             await conn.select_folder("INBOX", readonly=True)
@@ -476,9 +476,9 @@ async def test_the_selected_folder_is_tracked_even_through_run_sync(
 
 
 async def test_reset_on_release_unselects_and_restores_client_settings(
-    account: dict[str, Any],
+    imap_account: dict[str, Any],
 ) -> None:
-    async with open_pool(**account, max_size=1, reset_on_release=True) as pool:
+    async with open_pool(**imap_account, max_size=1, reset_on_release=True) as pool:
         async with pool.connection() as conn:
             await conn.select_folder("INBOX")
 
@@ -594,13 +594,13 @@ async def test_leaving_the_block_logs_idle_connections_out(
 
 
 async def test_closing_when_logout_fails_still_closes_quietly(
-    dovecot: DovecotServer, account: dict[str, Any]
+    imap_server: ImapServer, imap_account: dict[str, Any]
 ) -> None:
-    async with open_pool(**account, min_size=2) as pool:
+    async with open_pool(**imap_account, min_size=2) as pool:
         with trio.fail_after(5):
             await pool.counts.wait_value(lambda c: c.idle == 2)
         # The server drops them: the LOGOUTs of closing will fail.
-        await trio.to_thread.run_sync(dovecot.kick, account["username"])
+        await trio.to_thread.run_sync(imap_server.kick, imap_account["username"])
     stats = pool.statistics()
     assert (stats.size, stats.connections_closed) == (0, 2)
     await trio.testing.wait_all_threads_completed()

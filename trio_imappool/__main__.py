@@ -25,7 +25,8 @@ before anything connects.
 Exit status:
   0    done
   1    unexpected error (a bug; --debug shows the traceback)
-  2    usage or configuration error (including: no password available)
+  2    usage or configuration error (including: no password available, a --folder
+       that matches no folder on the server)
   3    authentication failed (wrong user, password or token)
   4    cannot connect (refused, unreachable, timed out, too many connections)
   5    TLS failed (certificate not trusted, wrong host name, no STARTTLS)
@@ -447,10 +448,18 @@ def _parser() -> argparse.ArgumentParser:
         dest="folders",
         action="append",
         metavar="NAME",
-        help="a folder to export, or a pattern like 'Archive/*'; repeat for more (default: all)",
+        help=(
+            "a folder to export, or a pattern like 'Archive/*', written with '/' between levels "
+            "whatever the server's delimiter and relative to the personal namespace ('Archive' "
+            "is INBOX.Archive on Courier); one that matches no folder is an error (status 2); "
+            "repeat for more (default: all)"
+        ),
     )
     options.add_argument(
-        "--exclude", action="append", metavar="NAME", help="a folder or pattern to leave out"
+        "--exclude",
+        action="append",
+        metavar="NAME",
+        help="a folder or pattern to leave out (written as for --folder)",
     )
     options.add_argument(
         "--batch-size", type=int, metavar="N", help=f"UIDs per FETCH ({DEFAULT_BATCH_SIZE})"

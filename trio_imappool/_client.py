@@ -37,7 +37,6 @@ from imapclient.response_parser import (
 )
 from imapclient.response_types import BodyData
 from imapclient.tls import IMAP4_TLS
-from imapclient.util import to_ints
 
 from ._config import PoolConfig, check_wire_text
 from ._errors import (
@@ -161,6 +160,14 @@ class _TLSIMAP4(_GreetingCapabilities, _ShownSocket, IMAP4_TLS):  # type: ignore
         self._show(secured)  # the handshake can stall too
         secured.do_handshake()
         return secured
+
+
+def _message_ids(messages: Any) -> set[int]:
+    """The UIDs a caller of ``fetch`` gave (an int, or an iterable of ints or digit strings),
+    as imapclient reads them."""
+    if isinstance(messages, int | str | bytes):
+        messages = [messages]
+    return {int(message) for message in messages}
 
 
 def parse_fetch_results(
@@ -295,9 +302,14 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         will_be = self.selected
         state = imap.state
         imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
+        noop = None
         try:
             # Untagged FETCH responses left by earlier commands are not this pipeline's.
             imap.untagged_responses.pop("FETCH", None)
+            if steps and will_be == (steps[0][0], True):
+                # The folder was selected by an earlier command: a NOOP first makes the session
+                # current (messages appended by other sessions since), in the same round trip.
+                noop = imap._command("NOOP")
             for folder, uids in steps:
                 examine = None
                 if will_be != (folder, True):
@@ -361,6 +373,8 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                     fetched = {uid: response[uid] for uid in uids if uid in response}
                     results.append(PipelinedFetch(fetched, None, None))
             start = end
+        if noop is not None:
+            imap._command_complete("NOOP", noop)  # answered before the first FETCH: no wait
         return results
 
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
@@ -384,8 +398,7 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         typ, answer = imap._command_complete("FETCH", tag)
         self._checkok("fetch", typ, answer)
         lines = imap.untagged_responses.pop("FETCH", [])
-        wanted = set(to_ints(messages))
-        return parse_fetch_results(lines, self.normalise_times, wanted)
+        return parse_fetch_results(lines, self.normalise_times, _message_ids(messages))
 
     def unselect_folder(self) -> Any:
         try:
@@ -424,11 +437,33 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             )
         return _PlainIMAP4(self.host, self.port, connect_timeout, self._on_socket)
 
+    def _normalise_folder(self, folder_name: str | bytes) -> Any:
+        # Every folder argument of every command passes here: one that holds CR, LF or NUL
+        # would end the command line and let the rest be read as a command of its own.
+        if isinstance(folder_name, bytes):
+            check_wire_text("a folder name", folder_name.decode("ascii", "replace"))
+        else:
+            check_wire_text("a folder name", folder_name)
+        return super()._normalise_folder(folder_name)
+
     def restore_defaults(self) -> None:
         """Undo attribute changes a previous user may have made (no I/O)."""
         self.use_uid = True
         self.folder_encode = True
         self.normalise_times = True
+
+
+def after_noop(client: IMAPClient, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``client.<name>(*args, **kwargs)`` with a NOOP written right before it, in the same round
+    trip: the server answers the NOOP first, so a session that has had its folder selected for
+    a while sees other sessions' changes before the command runs (a session learns of them only
+    at its next command; Courier-IMAP loses keyword updates of sessions that STORE without
+    that). The NOOP's answer is read with the command's."""
+    imap = client._imap
+    tag = imap._command("NOOP")
+    result = getattr(client, name)(*args, **kwargs)
+    imap._command_complete("NOOP", tag)
+    return result
 
 
 def connect_client(
@@ -472,6 +507,10 @@ def login_client(client: TrackingClient, config: PoolConfig, token: str | None) 
     """
     try:
         authenticate(client, config, token)
+        # The post-login capabilities, now: free where the LOGIN answer carried them (Dovecot,
+        # Cyrus), one round trip elsewhere, which also proves the session serves commands
+        # (throttled Microsoft 365 answers them "BAD User is authenticated but not connected").
+        client.capabilities()
         client._timeout = SocketTimeout(connect=config.connect_timeout, read=config.read_timeout)
         client.socket().settimeout(config.read_timeout)
     except BaseException:

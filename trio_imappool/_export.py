@@ -19,6 +19,12 @@ dots: ``Archive/2024`` is ``.Archive.2024`` whatever the server's delimiter. In 
 characters, non-ASCII included, are kept (UTF-8). Mail readers that know Maildir++
 (Dovecot, mutt, neomutt, mbsync with ``SubFolders Maildir++``) read this layout.
 
+**Namespaces.** Names are relative to the account's personal namespace (NAMESPACE, RFC 2342):
+on a server that keeps folders under ``INBOX.`` (Courier, Cyrus without ``altnamespace``),
+``INBOX.Archive`` is ``.Archive``, not ``.INBOX.Archive``; folders outside it keep their whole
+name. Folder patterns are written with ``/`` between levels, relative to the same namespace
+(``Archive/*`` is every folder under Courier's ``INBOX.Archive``); see :func:`export_maildir`.
+
 **Hostile names.** Folder names are data, never paths: :func:`local_folder_name` holds the
 rules (an over-long name is shortened with a hash; no result is empty, ``.``, ``..`` or more
 than one path component), and two server folders never share a directory (the second gets a
@@ -191,7 +197,8 @@ class ExportError(PoolError):
 
 
 class FolderNotFoundError(ExportError, LookupError):
-    """A folder asked for by name (not by a pattern) is not on the server."""
+    """A folder asked for by name is not on the server, or a pattern matches none of its
+    folders."""
 
 
 # -- the Maildir side: names, flags, paths (synchronous, pure) -----------------------------------
@@ -271,11 +278,16 @@ def _with_hash(local: str, folder: str, delimiter: str | None) -> str:
     return cut + suffix
 
 
-def local_folder_name(folder: str, delimiter: str | None) -> str:
+def local_folder_name(folder: str, delimiter: str | None, namespace: str = "") -> str:
     """The directory name of a server folder in the Maildir++ tree: the one mapping, one place.
 
     The rules:
 
+    0. A folder under *namespace*, the prefix of the account's personal namespace
+       (``"INBOX."`` on Courier; ``""`` on Dovecot, Cyrus with ``altnamespace``, Gmail: then
+       nothing changes), is named by the rest of its name: ``INBOX.Archive`` is ``Archive``
+       below. INBOX itself, folders outside the namespace, and a rest that is empty or
+       ``INBOX`` keep the whole name.
     1. ``INBOX`` (in any case) is ``""``: the destination itself.
     2. Any other folder is ``"."`` followed by its name split at the server's delimiter (not
        split when there is none) and joined with ``"."``, each part escaped: ``%``, ``.``,
@@ -295,21 +307,25 @@ def local_folder_name(folder: str, delimiter: str | None) -> str:
     """
     if folder.upper() == "INBOX":
         return ""
-    parts = folder.split(delimiter) if delimiter else [folder]
+    name = _relative_name(folder, namespace)
+    parts = name.split(delimiter) if delimiter else [name]
     local = "." + ".".join(_escape_part(part) for part in parts)
     if len(local.encode("utf-8")) > MAX_LOCAL_NAME:
         local = _with_hash(local, folder, delimiter)
     return local
 
 
-def maildir_folder_path(root: str | os.PathLike[str], folder: str, delimiter: str | None) -> Path:
+def maildir_folder_path(
+    root: str | os.PathLike[str], folder: str, delimiter: str | None, namespace: str = ""
+) -> Path:
     """Where a folder goes in the Maildir++ tree at *root*: ``root /`` :func:`local_folder_name`.
 
     ``INBOX`` (in any case) is *root* itself; ``Archive/2024`` with delimiter ``/`` is
-    ``root/.Archive.2024``. Two server folders with the same result are told apart when an
+    ``root/.Archive.2024``, and so is ``INBOX.Archive.2024`` with delimiter ``.`` and
+    *namespace* ``INBOX.``. Two server folders with the same result are told apart when an
     export assigns the paths (see the module's documentation).
     """
-    local = local_folder_name(folder, delimiter)
+    local = local_folder_name(folder, delimiter, namespace)
     return Path(root) / local if local else Path(root)
 
 
@@ -318,13 +334,16 @@ def maildir_folder_path(root: str | os.PathLike[str], folder: str, delimiter: st
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerFolder:
-    """A selectable folder on the server and its status, as listed at the start of a run."""
+    """A selectable folder on the server and its status, as listed at the start of a run.
+    ``namespace`` is the personal namespace's prefix its local name is relative to (``""``:
+    none; see :func:`local_folder_name`)."""
 
     name: str
     delimiter: str | None
     uidvalidity: int
     uidnext: int
     messages: int
+    namespace: str = ""
     highestmodseq: int = 0  # 0: the server has no CONDSTORE, or not for this folder
 
 
@@ -398,10 +417,11 @@ class _Capabilities:
 
 def _list_status(
     client: IMAPClient,
-) -> tuple[list[ServerFolder], list[FolderFailure], _Capabilities]:
-    """LIST and STATUS of every folder; one round trip where the server has LIST-STATUS (RFC
-    5819), else a STATUS per folder. With CONDSTORE, HIGHESTMODSEQ is asked for too. Runs in
-    a worker thread, on a checked-out connection.
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
+    """The personal namespace, and LIST and STATUS of every folder: one round trip where the
+    server has LIST-STATUS (RFC 5819; NAMESPACE pipelined with the LIST), else NAMESPACE,
+    LIST and a STATUS per folder. With CONDSTORE, HIGHESTMODSEQ is asked for too. Runs in a
+    worker thread, on a checked-out connection.
 
     A folder whose name or status cannot be used is a :class:`FolderFailure`, not an error of
     the run; a NO or BAD for one folder's STATUS too. Errors that end the session are raised.
@@ -417,9 +437,10 @@ def _list_status(
             # imapclient has no LIST-STATUS; imaplib's plumbing does it, as imapclient's own
             # list_folders() does for LIST.
             imap = client._imap
-            typ, data = imap._simple_command(
-                "LIST", '""', '"*"', "RETURN", f"(STATUS ({' '.join(wanted)}))"
-            )
+            asked = imap._command("NAMESPACE") if client.has_capability("NAMESPACE") else None
+            tag = imap._command("LIST", '""', '"*"', "RETURN", f"(STATUS ({' '.join(wanted)}))")
+            namespace = _namespace_answer(client, asked)
+            typ, data = imap._command_complete("LIST", tag)
             client._checkok("list", typ, data)
             _, lists = imap._untagged_response(typ, data, "LIST")
             _, statuses = imap._untagged_response(typ, [None], "STATUS")
@@ -430,6 +451,9 @@ def _list_status(
                     key = found[i]
                     status[str(key).encode() if isinstance(key, int) else bytes(key)] = found[i + 1]
         else:
+            client.folder_encode = encode
+            namespace = _personal_namespace(client)
+            client.folder_encode = False
             listed = client.list_folders()
     finally:
         client.folder_encode = encode
@@ -473,35 +497,11 @@ def _list_status(
                 highestmodseq=numbers.get(b"HIGHESTMODSEQ", 0) if condstore else 0,
             )
         )
-    return folders, failures, caps
+    return namespace, folders, failures, caps
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300] or type(exc).__name__
-
-
-def _choose(
-    folders: Sequence[ServerFolder], include: Sequence[str] | None, exclude: Sequence[str]
-) -> list[ServerFolder]:
-    matches = _matches
-    chosen = sorted(
-        (
-            f
-            for f in folders
-            if (include is None or matches(f.name, include)) and not matches(f.name, exclude)
-        ),
-        key=lambda f: (f.name.upper() != "INBOX", f.name),
-    )
-    if include is not None:
-        missing = [
-            p
-            for p in include
-            if not any(matches(f.name, [p]) for f in folders) and not any(c in p for c in "*?[")
-        ]
-        if missing:
-            names = ", ".join(map(repr, missing))
-            raise FolderNotFoundError(f"no such folder on the server: {names}")
-    return chosen
 
 
 # -- the state file ------------------------------------------------------------------------------
@@ -807,7 +807,8 @@ def _assign_paths(
     """
     wanted: dict[str, list[ServerFolder]] = {}
     for server in servers:
-        wanted.setdefault(local_folder_name(server.name, server.delimiter), []).append(server)
+        local = local_folder_name(server.name, server.delimiter, server.namespace)
+        wanted.setdefault(local, []).append(server)
     taken = set(wanted)
     placed: list[tuple[ServerFolder, Path]] = []
     failures: list[FolderFailure] = []
@@ -1368,9 +1369,9 @@ async def _warm_up(pool: Pool) -> None:
 
 async def _server_folders(
     pool: Pool,
-) -> tuple[list[ServerFolder], list[FolderFailure], _Capabilities]:
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
     async with pool.connection() as conn:
-        return await conn.run_sync(_list_status)
+        return await conn.run_sync(_list_in_namespace)
 
 
 class _Run:
@@ -1593,8 +1594,12 @@ async def export_maildir(
         destination: The Maildir++ root; created if missing. Nothing outside it is ever
             created, moved or deleted, whatever the server's folder names.
         folders: Folder names or shell-style patterns (``"Archive/*"``) to export; None for
-            every selectable folder. A name without wildcards that matches nothing is an error.
-        exclude: Names or patterns of folders to leave out.
+            every selectable folder. Written with ``/`` between levels whatever the server's
+            delimiter, and relative to the personal namespace: ``Archive/*`` matches
+            ``INBOX.Archive.2024`` on a server whose namespace is ``INBOX.`` with ``.``
+            (Courier); the name exactly as the server lists it matches too, and ``INBOX`` in
+            any case. A name or pattern that matches no folder on the server is an error.
+        exclude: Names or patterns of folders to leave out (written the same way).
         batch_size: UIDs per FETCH.
         max_connections: Connections used at once (default and upper bound: the pool's size).
         fsync: Flush every message (and the directories) to disk before it counts as exported.
@@ -1613,8 +1618,9 @@ async def export_maildir(
         ConfigurationError: A folder name or pattern holds CR, LF or NUL.
         ExportError: The destination cannot be used or written, or is locked by another
             export.
-        FolderNotFoundError: A folder asked for by name is not on the server (an
-            :class:`ExportError`; raised before anything is written).
+        FolderNotFoundError: A folder asked for by name is not on the server, or a pattern
+            in *folders* matches none of its folders (an :class:`ExportError`; raised before
+            anything is written).
         FanOutError: A FETCH failed in a way that ends the session (the original,
             imapclient's or the pool's, is ``__cause__``). Every message written before
             stays, and the next run goes on.
@@ -1705,12 +1711,6 @@ async def export_maildir(
     )
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(
-        fnmatch.fnmatchcase(name, p) or (p.upper() == "INBOX" == name.upper()) for p in patterns
-    )
-
-
 async def _export(
     pool: Pool,
     root: Path,
@@ -1724,13 +1724,8 @@ async def _export(
 ) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
     """List, reconcile, fetch and write, then look for what did not come; the state is left
     to the caller."""
-    listed, failures, caps = await _server_folders(pool)
-    chosen = _choose(listed, folders, exclude)
-    failures = [
-        f
-        for f in failures
-        if (folders is None or _matches(f.name, folders)) and not _matches(f.name, exclude)
-    ]
+    namespace, listed, failures, caps = await _server_folders(pool)
+    chosen, failures = _select(namespace, listed, failures, folders, exclude)
     try:
         prepared, more = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)
     except OSError as exc:
@@ -1785,3 +1780,165 @@ def _save_states(folders: Sequence[_Folder], fsync: bool) -> None:
         state = folder.state(listing)
         if state != old:
             _write_state(folder.path, state, fsync)
+
+
+# -- the personal namespace and folder patterns ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Namespace:
+    """The account's personal namespace: its prefix (``"INBOX."`` on Courier, ``""`` where
+    folders are beside INBOX) and delimiter. The prefix ends with the delimiter, if any."""
+
+    prefix: str = ""
+    delimiter: str | None = None
+
+
+def _namespace_answer(client: IMAPClient, tag: Any) -> _Namespace:
+    """:func:`_personal_namespace` from the answer to a NAMESPACE command sent (pipelined)
+    with tag *tag* (None: not sent). Runs in a worker thread."""
+    if tag is None:
+        return _Namespace()
+    imap = client._imap
+    try:
+        typ, data = imap._command_complete("NAMESPACE", tag)
+        if typ != "OK":
+            return _Namespace()
+        _, answer = imap._untagged_response(typ, data, "NAMESPACE")
+        personal = parse_response([line for line in answer if line is not None])[0]
+        prefix, delimiter = personal[0] if personal else (b"", None)
+        prefix = imap_utf7.decode(prefix)
+        if isinstance(delimiter, bytes):
+            delimiter = delimiter.decode("utf-8", "replace")
+    except imaplib.IMAP4.abort:
+        raise
+    except (imaplib.IMAP4.error, ValueError, TypeError, IndexError, AttributeError):
+        return _Namespace()
+    return _namespace_of(prefix, delimiter)
+
+
+def _personal_namespace(client: IMAPClient) -> _Namespace:
+    """The first personal namespace of NAMESPACE (RFC 2342), the one a client creates folders
+    in. No prefix where the server has no NAMESPACE, answers NO or BAD, or sends something
+    unusable. Runs in a worker thread; errors that end the session are raised."""
+    if not client.has_capability("NAMESPACE"):
+        return _Namespace()
+    try:
+        personal = client.namespace().personal
+        prefix, delimiter = personal[0] if personal else ("", None)
+    except imaplib.IMAP4.abort:
+        raise
+    except (imaplib.IMAP4.error, ValueError, TypeError, IndexError, AttributeError):
+        return _Namespace()
+    return _namespace_of(prefix, delimiter)
+
+
+def _namespace_of(prefix: object, delimiter: object) -> _Namespace:
+    """A personal namespace's prefix and delimiter, checked; no prefix if unusable."""
+    if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\0"):
+        return _Namespace()
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        delimiter = None
+    if prefix and delimiter and not prefix.endswith(delimiter):
+        prefix += delimiter  # "INBOX" with "." names its folders "INBOX.x"
+    return _Namespace(prefix, delimiter)
+
+
+def _list_in_namespace(
+    client: IMAPClient,
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
+    """:func:`_list_status`, each folder with the personal namespace's prefix (NAMESPACE is
+    pipelined with LIST-STATUS: no round trip more). Runs in a worker thread."""
+    namespace, listed, failures, caps = _list_status(client)
+    if namespace.prefix:
+        listed = [dataclasses.replace(f, namespace=namespace.prefix) for f in listed]
+    return namespace, listed, failures, caps
+
+
+def _relative_name(folder: str, prefix: str) -> str:
+    """*folder* without the namespace *prefix* when it is under it (``INBOX.Archive`` under
+    ``INBOX.`` is ``Archive``; the ``INBOX`` of a prefix in any case); else the whole name,
+    also when the rest would be empty or ``INBOX``."""
+    if not prefix or len(folder) <= len(prefix):
+        return folder
+    head, rest = folder[: len(prefix)], folder[len(prefix) :]
+    inbox = prefix[:5].upper() == "INBOX" and head[:5].upper() == "INBOX"
+    if head != prefix and not (inbox and head[5:] == prefix[5:]):
+        return folder
+    return folder if rest.upper() == "INBOX" else rest
+
+
+def _pattern_name(folder: str, delimiter: str | None, prefix: str) -> str:
+    """How patterns see a folder: relative to the personal namespace, ``/`` between levels
+    (``INBOX.Archive.2024`` under ``INBOX.`` with ``.`` is ``Archive/2024``)."""
+    name = _relative_name(folder, prefix)
+    if delimiter and delimiter != "/":
+        name = "/".join(name.split(delimiter))
+    return name
+
+
+def _matches(name: str, delimiter: str | None, prefix: str, patterns: Iterable[str]) -> bool:
+    """Whether a folder matches one of the shell-style *patterns*: its :func:`_pattern_name`,
+    or its name as the server lists it (so patterns written for the server's own names go on
+    working), case-sensitively; ``INBOX`` in any case."""
+    shown = _pattern_name(name, delimiter, prefix)
+    return any(
+        fnmatch.fnmatchcase(shown, p)
+        or fnmatch.fnmatchcase(name, p)
+        or (p.upper() == "INBOX" == name.upper())
+        for p in patterns
+    )
+
+
+def _select(
+    namespace: _Namespace,
+    folders: Sequence[ServerFolder],
+    failures: Sequence[FolderFailure],
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+) -> tuple[list[ServerFolder], list[FolderFailure]]:
+    """The folders to export (INBOX first, then by name) and the failures among them.
+
+    Raises:
+        FolderNotFoundError: A name or pattern of *include* matches no folder on the server
+            (one that cannot be exported counts: it is reported as a failure instead).
+    """
+    prefix = namespace.prefix
+
+    def wanted(name: str, delimiter: str | None) -> bool:
+        return (include is None or _matches(name, delimiter, prefix, include)) and not _matches(
+            name, delimiter, prefix, exclude
+        )
+
+    if include is not None:
+        listed = [(f.name, f.delimiter) for f in folders]
+        listed += [(f.name, namespace.delimiter) for f in failures]
+        _check_patterns(namespace, listed, include)
+    chosen = sorted(
+        (f for f in folders if wanted(f.name, f.delimiter)),
+        key=lambda f: (f.name.upper() != "INBOX", f.name),
+    )
+    return chosen, [f for f in failures if wanted(f.name, namespace.delimiter)]
+
+
+def _check_patterns(
+    namespace: _Namespace, listed: Sequence[tuple[str, str | None]], include: Sequence[str]
+) -> None:
+    """Raise :class:`FolderNotFoundError` for the names and patterns that match nothing."""
+    unmatched = [
+        p for p in include if not any(_matches(n, d, namespace.prefix, [p]) for n, d in listed)
+    ]
+    if not unmatched:
+        return
+    names = [p for p in unmatched if not any(c in p for c in "*?[")]
+    patterns = [p for p in unmatched if p not in names]
+    problems = []
+    if names:
+        problems.append(f"no such folder on the server: {', '.join(map(repr, names))}")
+    if patterns:
+        problems.append(f"no folder on the server matches {', '.join(map(repr, patterns))}")
+    where = f"relative to the namespace {namespace.prefix!r}, " if namespace.prefix else ""
+    raise FolderNotFoundError(
+        f"{'; '.join(problems)} (folders are written with '/' between levels, {where}"
+        "as in 'Archive/2024')"
+    )

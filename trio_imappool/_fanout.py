@@ -45,7 +45,8 @@ import trio
 from imapclient import IMAPClient
 from trio_util import AsyncValue
 
-from ._client import PipelinedFetch, TrackingClient
+from ._client import PipelinedFetch, TrackingClient, after_noop
+from ._config import check_wire_text
 from ._errors import PoolError
 
 if TYPE_CHECKING:
@@ -114,19 +115,19 @@ class Progress:
     counted in ``messages_missing``). Totals are known once every folder's search has
     finished; until then they are None.
 
-    ==================  =============================================================
-    field               meaning
-    ==================  =============================================================
-    ``messages_total``  messages to fetch in all (None while searches are running)
-    ``messages_done``   messages handed to the caller, plus those skipped
-    ``bytes_done``      bytes of the ``bytes`` values (bodies, headers) handed over
-    ``batches_total``   FETCH commands in all (None while searches are running)
-    ``batches_done``    batches whose every message is done
-    ``folders_total``   folders asked for
-    ``folders_done``    folders whose every batch is done
-    ``messages_missing`` of the messages done, those skipped because the server did not
-                        return them or returned them without the data asked for
-    ==================  =============================================================
+    ====================  ===========================================================
+    field                 meaning
+    ====================  ===========================================================
+    ``messages_total``    messages to fetch in all (None while searches are running)
+    ``messages_done``     messages handed to the caller, plus those skipped
+    ``bytes_done``        bytes of the ``bytes`` values (bodies, headers) handed over
+    ``batches_total``     FETCH commands in all (None while searches are running)
+    ``batches_done``      batches whose every message is done
+    ``folders_total``     folders asked for
+    ``folders_done``      folders whose every batch is done
+    ``messages_missing``  of the messages done, those skipped because the server did not
+                          return them or returned them without the data asked for
+    ====================  ===========================================================
     """
 
     messages_total: int | None
@@ -227,6 +228,7 @@ def _normalise(folders: Mapping[str, Messages]) -> dict[str, Sequence[int] | _Se
     for folder, spec in folders.items():
         if not isinstance(folder, str):
             raise TypeError(f"folder names must be str, not {folder!r}")
+        check_wire_text("a folder name", folder)
         if isinstance(spec, str | bytes):
             plan[folder] = _Search(spec)
         elif isinstance(spec, range) and spec.step > 0 and (not spec or spec.start >= 1):
@@ -305,8 +307,10 @@ class _Delivery:
 
 
 # Runs one batch on a connection that has the batch's folder selected; a delivery for the
-# caller (fetch) or None (the other operations).
-_RunBatch: TypeAlias = Callable[["Connection", _Work], Awaitable[_Delivery | None]]
+# caller (fetch) or None (the other operations). The flag says that the folder was selected
+# before this batch's turn (by another checkout, or for an earlier batch): the session may not
+# have seen other sessions' changes yet.
+_RunBatch: TypeAlias = Callable[["Connection", _Work, bool], Awaitable[_Delivery | None]]
 
 
 # Runs batches in one round trip, selecting their folders as needed (fetch): per batch its
@@ -512,14 +516,15 @@ class _FanOut:
                 if work.search is None and self._run_pipelined is not None:
                     work = await self._run_pipeline(conn, work, cursor, undelivered)
                 else:
-                    await self._select(conn, work.folder, fresh=work.search is not None)
+                    selected = await self._select(conn, work.folder, fresh=work.search is not None)
                     cursor.step = "command"
                     if work.search is not None:
                         await self._search(conn, work.folder, work.search)
                         self._busy[work.folder] -= 1
                     else:
                         assert self._run_batch is not None
-                        self._batch_done(work, await self._run_batch(conn, work), undelivered)
+                        done = await self._run_batch(conn, work, not selected)
+                        self._batch_done(work, done, undelivered)
                 following = self._take(work.folder)
                 if (
                     undelivered
@@ -576,14 +581,15 @@ class _FanOut:
             return False
         return True
 
-    async def _select(self, conn: Connection, folder: str, *, fresh: bool) -> None:
-        """Select *folder* unless it is selected in a suitable mode. A *fresh* select always
-        happens: a SEARCH on a connection that has had the folder selected for a while may
-        answer from its old view (Dovecot syncs changes made by other connections only after
-        it)."""
+    async def _select(self, conn: Connection, folder: str, *, fresh: bool) -> bool:
+        """Select *folder* unless it is selected in a suitable mode; whether it selected. A
+        *fresh* select always happens: a SEARCH on a connection that has had the folder
+        selected for a while may answer from its old view (Dovecot syncs changes made by other
+        connections only after it)."""
         if not fresh and conn.selected_folder == folder and self._selected_suits(conn):
-            return
+            return False
         await conn.select_folder(folder, readonly=self._mode != "read-write")
+        return True
 
     async def _search(self, conn: Connection, folder: str, search: _Search) -> None:
         found = await conn.search(search.criteria, self._charset)
@@ -949,18 +955,27 @@ async def search_many(
     return {name: fanout.found[name] for name in names}
 
 
-def _flags_runner(name: str, flags: Sequence[str | bytes]) -> _RunBatch:
-    async def run(conn: Connection, work: _Work) -> None:
-        await getattr(conn, name)(list(work.uids), flags, silent=True)
+def _write(name: str, *args: Any, **kwargs: Any) -> _RunBatch:
+    """A write batch (STORE, COPY, MOVE): ``conn.<name>(uids, *args, **kwargs)``, with a NOOP
+    pipelined before it when the folder was selected before the batch's turn (see
+    :func:`~trio_imappool._client.after_noop`: no extra round trip)."""
+
+    async def run(conn: Connection, work: _Work, selected_before: bool) -> None:
+        uids = list(work.uids)
+        if selected_before:
+            await conn.run_sync(after_noop, name, (uids, *args), kwargs)
+        else:
+            await getattr(conn, name)(uids, *args, **kwargs)
 
     return run
+
+
+def _flags_runner(name: str, flags: Sequence[str | bytes]) -> _RunBatch:
+    return _write(name, flags, silent=True)
 
 
 def _copy_runner(name: str, destination: str) -> _RunBatch:
-    async def run(conn: Connection, work: _Work) -> None:
-        await getattr(conn, name)(list(work.uids), destination)
-
-    return run
+    return _write(name, destination)
 
 
 async def _store_many(
@@ -1050,6 +1065,7 @@ async def _transfer_many(
 ) -> None:
     if not isinstance(destination, str):
         raise TypeError(f"destination must be a folder name (str), not {destination!r}")
+    check_wire_text("the destination folder name", destination)
     fanout = _FanOut(
         pool,
         _normalise(messages),

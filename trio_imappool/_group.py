@@ -690,19 +690,27 @@ def _copy(error: BaseException) -> BaseException:
 class _GroupCheckout:
     """The async context manager returned by :meth:`PoolGroup.connection`."""
 
-    __slots__ = ("_account", "_checkout", "_entry", "_group", "_timeout")
+    __slots__ = ("_account", "_checkout", "_entered", "_entry", "_group", "_timeout")
 
     def __init__(self, group: PoolGroup, account: str, timeout: float | None) -> None:
         self._group = group
         self._account = account
         self._timeout = timeout
+        self._entered = False
         self._entry: _Account | None = None
         self._checkout: AbstractAsyncContextManager[Connection] | None = None
 
     async def __aenter__(self) -> Connection:
-        if self._entry is not None:
+        # Marked before the first await, so that a second task entering meanwhile is refused.
+        if self._entered:
+            await trio.lowlevel.checkpoint()
             raise RuntimeError("this group.connection() context manager is already in use")
-        entry, checkout, conn = await self._group._checkout(self._account, self._timeout)
+        self._entered = True
+        try:
+            entry, checkout, conn = await self._group._checkout(self._account, self._timeout)
+        except BaseException:
+            self._entered = False
+            raise
         self._entry, self._checkout = entry, checkout
         return conn
 
@@ -715,6 +723,7 @@ class _GroupCheckout:
         entry, checkout = self._entry, self._checkout
         assert entry is not None and checkout is not None
         self._entry = self._checkout = None
+        self._entered = False
         try:
             await checkout.__aexit__(exc_type, exc, tb)  # never blocks
         finally:

@@ -32,6 +32,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, Protoco
 from imapclient.response_parser import parse_fetch_response, parse_response
 
 from ._client import has_buffered_data
+from ._config import check_wire_text
 from ._connection import Connection
 
 if TYPE_CHECKING:
@@ -598,6 +599,7 @@ async def idle(
     messages elsewhere. A push whose response stops half-way for longer than the pool's
     ``read_timeout`` ends the watch with :class:`TimeoutError` and discards the connection.
     """
+    check_wire_text("the folder name", folder)
     if not 0 < renew_after <= IDLE_LIMIT:
         raise ValueError(f"renew_after must be more than 0 and at most {IDLE_LIMIT:g} s")
     if not 0 < poll_interval < float("inf"):

@@ -23,7 +23,7 @@ from . import _fanout
 from . import _idle as _watching
 from ._budget import PoolPlaces, RedisBudget
 from ._client import PooledClient, TrackingClient
-from ._config import ConfigOptions, PoolConfig, PoolOptions
+from ._config import ConfigOptions, PoolConfig, PoolOptions, check_wire_text
 from ._connection import Connection
 from ._errors import (
     AuthenticationError,
@@ -224,8 +224,7 @@ class Pool:
             self._places[here] -= 1
         if to != "closed":
             self._places[to] += 1
-        slot.place = to
-        self._publish()
+        slot.place = to  # the caller publishes the counts when its step is done
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -312,6 +311,8 @@ class Pool:
             imapclient.exceptions.IMAPClientError: Selecting *folder* failed (it does not
                 exist, say); the connection went back to the pool.
         """
+        if folder is not None:
+            check_wire_text("the folder name", folder)
         return _Checkout(self, timeout, None if folder is None else (folder, readonly))
 
     async def run_sync(self, fn: Callable[[IMAPClient, *Ts], T], *args: *Ts) -> T:
@@ -371,23 +372,40 @@ class Pool:
             if self._closed:
                 self._release(slot)
                 raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
-            try:
-                with trio.move_on_at(deadline):
-                    idle_for = trio.current_time() - slot.last_used
-                    # Idle for long: make sure it still answers before handing it out.
-                    if idle_for > self.config.noop_check_after and not await self._noop_check(slot):
-                        self._release(slot)
-                        continue
-                    if want is not None:
-                        await self._select(slot, want)
-                    self._acquires += 1
-                    return slot
-            except BaseException:
-                self._release(slot)
-                raise
-            # The deadline passed during the check or the SELECT (which was interrupted).
+            # Idle for long: make sure it still answers before handing it out.
+            check = trio.current_time() - slot.last_used > self.config.noop_check_after
+            if (check or want is not None) and not await self._prepare(
+                slot, check, want, deadline, timeout
+            ):
+                continue
+            self._acquires += 1
+            self._publish()
+            return slot
+
+    async def _prepare(
+        self,
+        slot: PooledClient,
+        check: bool,
+        want: tuple[str, bool] | None,
+        deadline: float,
+        limit: float,
+    ) -> bool:
+        """The checkout's round trips, by its deadline: the NOOP check (False if it failed: the
+        connection went back, to be dropped) and the SELECT of *want*."""
+        try:
+            with trio.move_on_at(deadline):
+                if check and not await self._noop_check(slot):
+                    self._release(slot)
+                    return False
+                if want is not None:
+                    await self._select(slot, want)
+                return True
+        except BaseException:
             self._release(slot)
-            raise self._timed_out(timeout, str(self.statistics()))
+            raise
+        # The deadline passed during the check or the SELECT (which was interrupted).
+        self._release(slot)
+        raise self._timed_out(limit, str(self.statistics()))
 
     async def _select(self, slot: PooledClient, want: tuple[str, bool]) -> None:
         client = slot.client
@@ -589,6 +607,12 @@ class Pool:
 
     def _invalidate(self, why: str) -> None:
         self._invalid_before = trio.current_time()
+        if self._limit_lowered_at is not None:
+            # The server went away (or drain() was called): what it allowed before is no
+            # guide to what it allows now, and a refusal misread during a restart must not
+            # keep the pool small for minutes.
+            self._size_limiter.total_tokens = self.config.max_size
+            self._limit_lowered_at = None
         dropped = 0
         for slot in self._take_all_idle():
             slot.broken = slot.broken or "dropped with the other idle connections"
@@ -691,6 +715,7 @@ class Pool:
     def _want_connections(self) -> None:
         """Start opening connections if tasks wait or min_size is not met. Synchronous."""
         if self._closed:
+            self._publish()
             return
         wanted = self._demand()
         probe = self._probe
@@ -858,7 +883,14 @@ class Pool:
     def _open_failed(self, exc: BaseException) -> ConnectError:
         self._open_failures += 1
         self._failures += 1
-        kind = ConnectError if isinstance(exc, trio.TooSlowError) else classify_open_error(exc)
+        if isinstance(exc, trio.TooSlowError):
+            kind: type[ConnectError] = ConnectError
+        else:
+            # With connections of ours open, a bare NO to LOGIN or a connection closed before
+            # the greeting is the server refusing one more, not wrong credentials or an outage.
+            kind = classify_open_error(
+                exc, others_open=self._idle + self._in_use > 0, others_healthy=self._healthy()
+            )
         if kind is ConnectionLimitError:
             delay = LIMIT_BACKOFF * 2 ** min(self._failures - 1, 3)
         else:
@@ -873,6 +905,15 @@ class Pool:
         self._last_open_error = error
         logger.warning("%s", error)
         return error
+
+    def _healthy(self) -> bool:
+        """Whether the pool has connections and none of the idle ones shows a closed socket
+        (a synchronous look, no round trip)."""
+        idle = self._take_all_idle()
+        try:
+            return len(idle) + self._in_use > 0 and not any(s.server_spoke() for s in idle)
+        finally:
+            self._put_back(idle)
 
     def _lower_size(self) -> bool:
         """After a login refused for too many connections: make the connections we have the

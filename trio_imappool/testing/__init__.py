@@ -29,6 +29,9 @@ or :func:`start_proxy_thread` for blocking code.
 With pytest, the ``dovecot`` (session) and ``dovecot_factory`` fixtures of
 :mod:`trio_imappool.testing.pytest_plugin` are loaded automatically.
 
+A second real server, Cyrus IMAP, starts the same way (:func:`start_cyrus`, the ``cyrus`` and
+``cyrus_factory`` fixtures, and ``imap_server``, which runs a test against both).
+
 For behaviour no real server here shows (hostile folder names, FETCH answers that leave a
 message out, odd logins), :func:`open_scripted_server` and :func:`start_scripted_server_thread`
 run a scripted IMAP server on 127.0.0.1: an in-memory account and a handler per command.
@@ -37,6 +40,15 @@ Everything else here is synchronous and bounded in time. Importing this package 
 and `imapclient` are imported when first needed.
 """
 
+from ._cyrus import (
+    CyrusFactory,
+    CyrusNotFoundError,
+    CyrusServer,
+    CyrusStartError,
+    ImapServer,
+    find_cyrus,
+    start_cyrus,
+)
 from ._dovecot import (
     DEFAULT_USERS,
     DovecotFactory,
@@ -71,11 +83,16 @@ from ._seed import make_message, message_date, seed_folders
 __all__ = [
     "DEFAULT_CAPABILITIES",
     "DEFAULT_USERS",
+    "CyrusFactory",
+    "CyrusNotFoundError",
+    "CyrusServer",
+    "CyrusStartError",
     "DovecotFactory",
     "DovecotNotFoundError",
     "DovecotServer",
     "DovecotStartError",
     "FaultProxy",
+    "ImapServer",
     "ProxyStatistics",
     "ProxyThread",
     "RedisNotFoundError",
@@ -87,6 +104,7 @@ __all__ = [
     "ScriptedServer",
     "ScriptedServerThread",
     "ScriptedSession",
+    "find_cyrus",
     "find_dovecot",
     "find_redis",
     "make_message",
@@ -94,6 +112,7 @@ __all__ = [
     "open_fault_proxy",
     "open_scripted_server",
     "seed_folders",
+    "start_cyrus",
     "start_dovecot",
     "start_proxy_thread",
     "start_redis",

@@ -27,31 +27,35 @@ same ports with the same mail. A start takes about 35 ms, a stop about 5 ms.
 Everything here is synchronous and bounded in time: waits have deadlines, and a server that does
 not become ready raises :class:`DovecotStartError` with the end of its log. Methods may be called
 from any thread (a lock serializes them), e.g. through ``trio.to_thread.run_sync``.
+
+The life cycle (start, readiness check, stop), the folder and port helpers and the client-side
+helpers are shared with Cyrus (``_server.ProcessServer``); this module holds what is Dovecot's own.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import grp
 import math
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    import ssl
-
-    import trustme
+from ._server import (
+    DEFAULT_USERS,
+    HOST,
+    ProcessServer,
+    check_field,
+    free_ports,
+    import_trustme,
+    run_in_new_folder,
+    user_map,
+)
 
 __all__ = [
     "DEFAULT_USERS",
@@ -63,12 +67,6 @@ __all__ = [
     "start_dovecot",
 ]
 
-HOST = "127.0.0.1"
-"""The only address the servers listen on."""
-
-DEFAULT_USERS: Mapping[str, str] = {"alice": "alice-pw", "bob": "bob-pw"}
-"""The users of a server started without ``users=``."""
-
 DEFAULT_DOVECOT = "/usr/sbin/dovecot"
 DEFAULT_DOVEADM = "/usr/bin/doveadm"
 INSTALL_HINT = "install it with `apt-get install dovecot-imapd` (Debian/Ubuntu)"
@@ -76,21 +74,8 @@ IMAP_INSTALL_HINT = (
     "Dovecot is installed without its IMAP server (Debian's dovecot-core without "
     "dovecot-imapd): install it with `apt-get install dovecot-imapd`"
 )
-TRUSTME_HINT = (
-    "trio_imappool.testing needs the trustme package for its test CA: "
-    "pip install 'trio-imappool[testing]'"
-)
-
-_READY_POLL_INTERVAL = 0.01
-_STOP_TIMEOUT = 5.0
 _DOVEADM_TIMEOUT = 10.0
-_LOG_TAIL_BYTES = 4000
-# Longest parent folder we create the server folder in; longer ones leave too little room for
-# Dovecot's socket paths (e.g. "<folder>/run/login/imap-urlauth").
-_MAX_PARENT_LEN = 40
-# A RAM file system: seeding 10,000 messages took 0.6 s there and 4.5 s on an ext4 /tmp, where
-# the kernel throttled the burst of small writes.
-_RAM_DIR = "/dev/shm"
+_import_trustme = import_trustme  # its old name here (the trustme check before a start)
 
 
 class DovecotNotFoundError(RuntimeError):
@@ -147,17 +132,6 @@ def _find_imap(dovecot: str) -> str:
     raise DovecotNotFoundError(f"{IMAP_INSTALL_HINT} (looked for {looked})")
 
 
-def _import_trustme() -> Any:
-    """trustme, or a ModuleNotFoundError that names the extra that brings it."""
-    try:
-        import trustme
-    except ModuleNotFoundError as exc:
-        if exc.name != "trustme":
-            raise
-        raise ModuleNotFoundError(TRUSTME_HINT, name="trustme") from exc
-    return trustme
-
-
 def _find_doveadm(doveadm_binary: str | os.PathLike[str] | None, dovecot: str) -> str:
     if doveadm_binary is not None:
         candidates = [os.fspath(doveadm_binary)]
@@ -173,25 +147,6 @@ def _find_doveadm(doveadm_binary: str | os.PathLike[str] | None, dovecot: str) -
     )
 
 
-def _free_ports(count: int) -> list[int]:
-    # Bind them all at once so that they differ, then release them for Dovecot.
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def _check_field(kind: str, value: str) -> None:
-    if not value or any(c in value for c in ":\r\n\0") or value != value.strip():
-        raise ValueError(
-            f"{kind} {value!r} cannot go into a passwd-file: it must be non-empty, "
-            "without ':', line breaks or surrounding spaces"
-        )
-
-
 def _mail_ids() -> tuple[int, int]:
     """The uid and gid that own the mail: never 0, which Dovecot refuses after LOGIN."""
     if os.geteuid() != 0:
@@ -203,32 +158,7 @@ def _mail_ids() -> tuple[int, int]:
     return nobody.pw_uid, nobody.pw_gid
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process group still has a member that is not a zombie."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # pragma: no cover - not Linux: zombies count, but init reaps them
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                data = stat.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-class DovecotServer:
+class DovecotServer(ProcessServer):
     """One private Dovecot instance; use :func:`start_dovecot` to get one.
 
     Attributes:
@@ -244,12 +174,9 @@ class DovecotServer:
         max_userip_connections: Dovecot's ``mail_max_userip_connections``.
     """
 
-    host: str
-    imap_port: int
-    imaps_port: int
-    ca: trustme.CA
-    base_dir: Path
-    log_path: Path
+    _product = "Dovecot"
+    _start_error = DovecotStartError
+
     config_path: Path
     max_userip_connections: int
 
@@ -267,123 +194,28 @@ class DovecotServer:
         tls_identities: Sequence[str] = ("localhost", HOST),
     ) -> None:
         # Private: start_dovecot() makes the folder and calls this.
-        trustme = _import_trustme()
-
-        self.host = HOST
-        self.base_dir = base_dir
-        self.log_path = base_dir / "dovecot.log"
+        super().__init__(base_dir=base_dir, log_name="dovecot.log", ready_timeout=ready_timeout)
         self.config_path = base_dir / "dovecot.conf"
         self.max_userip_connections = max_userip_connections
-        self._users: dict[str, str] = {}
         self._users_dir = base_dir / "users"
         self._home_root = base_dir / "home"
         self._run_dir = base_dir / "run"
         self._extra_config = extra_config
         self._dovecot = dovecot_binary
         self._doveadm = doveadm_binary
-        self._ready_timeout = ready_timeout
         self._uid, self._gid = _mail_ids()
-        self._lock = threading.RLock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._closed = False
-        self.imap_port, self.imaps_port = _free_ports(2)
         self._first_start = True
         #: Whether TLS is on: implicit TLS on imaps_port and STARTTLS on imap_port. Without it
         #: Dovecot offers no STARTTLS and listens on imap_port only.
         self.tls = tls
 
-        self.ca = trustme.CA()
-        cert = self.ca.issue_cert(*tls_identities)
-        cert_path = base_dir / "cert.pem"
-        key_path = base_dir / "key.pem"
-        cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(cert.private_key_pem.bytes())
-
+        self._issue_certificate(tls_identities)
         self._home_root.mkdir(mode=0o755)
         self._users_dir.mkdir(mode=0o755)
         (base_dir / "state").mkdir(mode=0o755)
         for name, password in users.items():
             self._add_user(name, password)
         self._write_config()
-
-    # -- public properties -------------------------------------------------------------------
-
-    @property
-    def users(self) -> dict[str, str]:
-        """User name -> password, in the order they were added (a copy)."""
-        return dict(self._users)
-
-    @property
-    def username(self) -> str:
-        """The first user's name."""
-        return next(iter(self._users))
-
-    @property
-    def password(self) -> str:
-        """The first user's password."""
-        return self._users[self.username]
-
-    @property
-    def running(self) -> bool:
-        """Whether the Dovecot master process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else ("closed" if self._closed else "stopped")
-        return (
-            f"<DovecotServer {state} {self.host} imap={self.imap_port} "
-            f"imaps={self.imaps_port} users={len(self._users)} dir={self.base_dir}>"
-        )
-
-    # -- client-side helpers -----------------------------------------------------------------
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A new client-side context that trusts only this server's CA.
-
-        Hostname checking is on: connect as ``127.0.0.1`` or ``localhost``.
-        """
-        import ssl
-
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        self.ca.configure_trust(context)
-        return context
-
-    def pool_kwargs(self, user: str | None = None, *, tls: bool = True) -> dict[str, Any]:
-        """Connection settings for a user, as keyword arguments.
-
-        Args:
-            user: The user name; ``None`` for the first user.
-            tls: ``True`` for the implicit-TLS port with :meth:`ssl_context`; ``False`` for the
-                plain port without TLS.
-
-        Returns:
-            A dict with ``host``, ``port``, ``username``, ``password``, ``ssl`` and
-            ``ssl_context`` (``None`` when ``tls`` is false).
-
-        Raises:
-            KeyError: No such user.
-        """
-        name = self.username if user is None else user
-        return {
-            "host": self.host,
-            "port": self.imaps_port if tls else self.imap_port,
-            "username": name,
-            "password": self._users[name],
-            "ssl": tls,
-            "ssl_context": self.ssl_context() if tls else None,
-        }
-
-    def log_tail(self, max_bytes: int = _LOG_TAIL_BYTES) -> str:
-        """The end of Dovecot's log (about ``max_bytes``), for error messages."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                size = log.tell()
-                log.seek(max(0, size - max_bytes))
-                return log.read().decode("utf-8", "replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
 
     # -- users -------------------------------------------------------------------------------
 
@@ -404,8 +236,8 @@ class DovecotServer:
                 time.sleep(max(0.0, math.floor(written) + 1.0 - time.time()))
 
     def _add_user(self, name: str, password: str) -> float:
-        _check_field("user name", name)
-        _check_field("password", password)
+        check_field("user name", name)
+        check_field("password", password)
         if "/" in name or name in {".", ".."}:
             raise ValueError(f"user name {name!r} cannot be a file name")
         self._users[name] = password
@@ -529,113 +361,27 @@ service anvil {{
             RuntimeError: The server was closed.
         """
         with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self!r} is closed: start a new one")
-            if self.running:
-                return
-            self._clean_runtime_files()
-            with self.log_path.open("ab") as log:
-                self._process = subprocess.Popen(
-                    [self._dovecot, "-F", "-c", str(self.config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,  # its own process group: stop() kills it whole
-                )
-            _live_servers.add(self)
             try:
-                self._wait_ready()
+                self._start()
             except DovecotStartError as exc:
-                self.stop()
                 if self._first_start and "Address already in use" in str(exc):
                     # Another program took a port between our pick and Dovecot's bind.
                     self._first_start = False
-                    self.imap_port, self.imaps_port = _free_ports(2)
+                    self.imap_port, self.imaps_port = free_ports(2)
                     self._write_config()
                     self.start()
                     return
                 raise
-            except BaseException:
-                self.stop()
-                raise
             self._first_start = False
 
-    def _wait_ready(self) -> None:
-        import imapclient
-        from imapclient.imapclient import SocketTimeout
+    def _command(self) -> list[str]:
+        return [self._dovecot, "-F", "-c", str(self.config_path)]
 
-        deadline = time.monotonic() + self._ready_timeout
-        last_error: BaseException | None = None
-        while True:
-            assert self._process is not None
-            code = self._process.poll()
-            if code is not None:
-                raise DovecotStartError(
-                    f"Dovecot exited with status {code} while starting "
-                    f"(config {self.config_path}); end of its log:\n{self.log_tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DovecotStartError(
-                    f"Dovecot was not ready within {self._ready_timeout} s "
-                    f"(last error: {last_error!r}); end of its log:\n{self.log_tail()}"
-                )
-            try:
-                timeout = SocketTimeout(connect=min(1.0, remaining), read=min(2.0, remaining))
-                with imapclient.IMAPClient(
-                    self.host, self.imap_port, ssl=False, timeout=timeout
-                ) as client:
-                    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    client.login(self.username, self.password)
-                    client.select_folder("INBOX")
-                if self.tls:
-                    # The implicit-TLS listener is bound by the same master: a connect suffices.
-                    socket.create_connection((self.host, self.imaps_port), timeout=1.0).close()
-                break
-            except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-                last_error = exc
-            time.sleep(_READY_POLL_INTERVAL)
-        # Dovecot forgets the check's session a moment after LOGOUT: wait for that (briefly),
-        # so that connections() counts only the caller's own.
-        settle = time.monotonic() + 1.0
-        with contextlib.suppress(subprocess.SubprocessError):
-            while self.connections(self.username) and time.monotonic() < settle:
-                time.sleep(_READY_POLL_INTERVAL)
+    def _config_file(self) -> Path:
+        return self.config_path
 
-    def stop(self) -> None:
-        """Stop Dovecot at once (SIGKILL to its process group) and clean its runtime files.
-
-        Every client connection drops. Mail and users are kept. Does nothing if stopped.
-        """
-        with self._lock:
-            process, self._process = self._process, None
-            _live_servers.discard(self)
-            if process is None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=_STOP_TIMEOUT)
-            # The master is gone, but its children may still be dying and holding the
-            # listening sockets: wait for them too, so the ports are free when we return.
-            deadline = time.monotonic() + _STOP_TIMEOUT
-            while _group_alive(process.pid) and time.monotonic() < deadline:
-                time.sleep(0.001)
-            self._clean_runtime_files()
-
-    def restart(self) -> None:
-        """:meth:`stop`, then :meth:`start` (same ports, same mail)."""
-        with self._lock:
-            self.stop()
-            self.start()
-
-    def close(self) -> None:
-        """Stop Dovecot and remove :attr:`base_dir`. Idempotent; the server cannot restart."""
-        with self._lock:
-            if self._closed:
-                return
-            self.stop()
-            self._closed = True
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+    def _imaps_listening(self) -> bool:
+        return self.tls
 
     def _clean_runtime_files(self) -> None:
         # A stale master.pid or anvil-auth-penalty socket makes Dovecot refuse or stall.
@@ -690,46 +436,7 @@ service anvil {{
         if not self.running:
             raise RuntimeError(f"{self!r} is not running")
         self.doveadm("kick", user, check=False)
-        deadline = time.monotonic() + 5.0
-        while self.connections(user):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{user}'s connections survived a kick: {self.log_tail()}")
-            time.sleep(_READY_POLL_INTERVAL)
-
-    # -- context manager ---------------------------------------------------------------------
-
-    def __enter__(self) -> DovecotServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-# Strong references: a running server must not be garbage-collected before it is stopped.
-_live_servers: set[DovecotServer] = set()
-
-
-@atexit.register
-def _stop_leftover_servers() -> None:
-    # A server whose with-block never ended (e.g. a session fixture never finalized) must not
-    # outlive the interpreter.
-    for server in list(_live_servers):
-        with contextlib.suppress(Exception):
-            server.close()
-
-
-def _make_base_dir(root_dir: str | os.PathLike[str] | None) -> Path:
-    if root_dir is not None:
-        parent = os.fspath(root_dir)
-    elif os.path.isdir(_RAM_DIR) and os.access(_RAM_DIR, os.W_OK | os.X_OK):
-        parent = _RAM_DIR
-    else:
-        parent = tempfile.gettempdir()
-        if len(parent) > _MAX_PARENT_LEN:
-            parent = "/tmp"
-    path = Path(tempfile.mkdtemp(prefix="imappool-", dir=parent))
-    path.chmod(0o755)  # mkdtemp makes 0700: Dovecot's auth process must read the users file
-    return path
+        self._wait_kicked(user, lambda: not self.connections(user))
 
 
 @contextlib.contextmanager
@@ -778,16 +485,14 @@ def start_dovecot(
     doveadm = _find_doveadm(doveadm_binary, dovecot)
     _find_imap(dovecot)
     _import_trustme()
-    user_map = dict(DEFAULT_USERS if users is None else users)
-    if not user_map:
-        raise ValueError("start_dovecot() needs at least one user")
+    all_users = user_map(users, "start_dovecot")
     if max_userip_connections < 1:
         raise ValueError("max_userip_connections must be at least 1")
-    base_dir = _make_base_dir(root_dir)
-    try:
-        server = DovecotServer(
+
+    def make(base_dir: Path) -> DovecotServer:
+        return DovecotServer(
             base_dir=base_dir,
-            users=user_map,
+            users=all_users,
             max_userip_connections=max_userip_connections,
             extra_config=extra_config,
             dovecot_binary=dovecot,
@@ -796,11 +501,8 @@ def start_dovecot(
             tls=tls,
             tls_identities=tls_identities,
         )
-    except BaseException:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        raise
-    with server:
-        server.start()
+
+    with run_in_new_folder(root_dir, make) as server:
         yield server
 
 

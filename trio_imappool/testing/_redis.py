@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -28,10 +27,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._server import free_ports, kill_process_group
+
 __all__ = ["RedisNotFoundError", "RedisServer", "find_redis", "start_redis"]
 
 _READY_TIMEOUT = 10.0
-_STOP_TIMEOUT = 5.0
 
 
 class RedisNotFoundError(RuntimeError):
@@ -53,13 +53,6 @@ def find_redis(binary: str | os.PathLike[str] | None = None) -> str:
         "redis-server is not installed: sudo apt-get install redis-server "
         "(scripts/_env.sh does it when run as root)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -142,9 +135,7 @@ class RedisServer:
         process, self._process = self._process, None
         if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=_STOP_TIMEOUT)
+        kill_process_group(process)
 
     def close(self) -> None:
         """Stop it and remove its folder. Idempotent."""
@@ -170,12 +161,12 @@ def start_redis(binary: str | os.PathLike[str] | None = None) -> Iterator[RedisS
     """
     path = find_redis(binary)
     directory = Path(tempfile.mkdtemp(prefix="tip-redis-"))
-    server = RedisServer(path, directory, _free_port())
+    server = RedisServer(path, directory, free_ports(1)[0])
     with server:
         try:
             server.start()
         except RuntimeError:
             # A port taken between our pick and Redis's bind: one more try on another.
-            server.port = _free_port()
+            server.port = free_ports(1)[0]
             server.start()
         yield server

@@ -26,7 +26,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._dovecot import DovecotServer
+    from typing import Protocol
+
+    class _Server(Protocol):
+        """A test server of this package (Dovecot or Cyrus)."""
+
+        def pool_kwargs(self, user: str | None = None, *, tls: bool = True) -> dict[str, Any]: ...
+
 
 __all__ = ["make_message", "seed_folders"]
 
@@ -126,7 +132,7 @@ def _appended_uids(response: Iterable[Any], count: int) -> list[int] | None:
 
 
 def seed_folders(
-    server_or_kwargs: DovecotServer | Mapping[str, Any],
+    server_or_kwargs: _Server | Mapping[str, Any],
     folders: Mapping[str, int],
     *,
     user: str | None = None,
@@ -141,12 +147,12 @@ def seed_folders(
     and INTERNALDATE :func:`message_date` ``(i)``.
 
     Args:
-        server_or_kwargs: A :class:`DovecotServer` (its plain port is used, no TLS), or
-            connection settings shaped like :meth:`DovecotServer.pool_kwargs`: ``host``,
-            ``port``, ``username``, ``password``, and optionally ``ssl`` (default ``False``)
-            and ``ssl_context``.
+        server_or_kwargs: A :class:`DovecotServer` or :class:`CyrusServer` (its plain port is
+            used, no TLS), or connection settings shaped like
+            :meth:`DovecotServer.pool_kwargs`: ``host``, ``port``, ``username``, ``password``,
+            and optionally ``ssl`` (default ``False``) and ``ssl_context``.
         folders: Folder name -> how many messages to append. Use ``/`` as the hierarchy
-            separator on the harness's Dovecot (``"Archive/2024"``).
+            separator on the harness's Dovecot and Cyrus (``"Archive/2024"``).
         user: With a server, the user to seed (default: its first user). Not allowed with
             settings.
         size: The size of each message in bytes.
@@ -166,7 +172,7 @@ def seed_folders(
 
     if isinstance(server_or_kwargs, Mapping):
         if user is not None:
-            raise ValueError("seed_folders(): pass `user` only with a DovecotServer")
+            raise ValueError("seed_folders(): pass `user` only with a server")
         settings = dict(server_or_kwargs)
     else:
         settings = server_or_kwargs.pool_kwargs(user, tls=False)

@@ -21,6 +21,13 @@ both fixtures fail the test with what to install; they never skip.
 
 from __future__ import annotations
 
-from _trio_imappool_pytest_plugin import dovecot, dovecot_factory, redis_server
+from _trio_imappool_pytest_plugin import (
+    cyrus,
+    cyrus_factory,
+    dovecot,
+    dovecot_factory,
+    imap_server,
+    redis_server,
+)
 
-__all__ = ["dovecot", "dovecot_factory", "redis_server"]
+__all__ = ["cyrus", "cyrus_factory", "dovecot", "dovecot_factory", "imap_server", "redis_server"]

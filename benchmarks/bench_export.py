@@ -99,6 +99,7 @@ FOLDERS = [
     "Receipts",
 ]
 SPEEDUP_TARGET = 4.0
+CLI_VS_MBSYNC_TARGET = 5.0  # at a 50 ms round trip (issue 15); printed, not part of --check
 PEER_TIMEOUT = 300.0
 
 
@@ -448,6 +449,15 @@ def report(cases: Sequence[Case], expected: int, header: str) -> tuple[str, bool
         lines.append(
             f"{top} connections ({ours.median:.2f} s) {word} {name} ({peer.median:.2f} s): "
             f"{peer.median / ours.median:.2f}x: {verdict(ok)}"
+        )
+    cli, mbsync_case = by_key.get("cli"), by_key.get("mbsync")
+    if cli is not None and mbsync_case is not None:
+        cli_ratio = mbsync_case.median / cli.median
+        lines.append(
+            f"CLI, interpreter start-up included ({cli.median:.2f} s), vs mbsync "
+            f"({mbsync_case.median:.2f} s): {cli_ratio:.2f}x (target >= "
+            f"{CLI_VS_MBSYNC_TARGET:g}x at a 50 ms round trip): "
+            f"{'met' if cli_ratio >= CLI_VS_MBSYNC_TARGET else 'NOT met'}"
         )
     incomplete = [
         c.label for c in cases if c.times and (c.counts[-1] != expected or not c.complete)

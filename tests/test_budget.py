@@ -150,8 +150,10 @@ async def test_a_waiter_elsewhere_wakes_soon_after_a_place_is_freed(
                 async def free() -> None:
                     nonlocal freed_at
                     await trio.sleep(0.3)  # the waiter's poll has reached its longest
-                    await here.release("holder")
+                    # Noted before the release: the waiter may get the place and run before
+                    # this task resumes after it.
                     freed_at = trio.current_time()
+                    await here.release("holder")
 
                 nursery.start_soon(free)
                 await there.acquire("waiter")

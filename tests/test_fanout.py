@@ -256,9 +256,12 @@ async def test_searched_folders_are_fetched_on_the_connection_that_searched(
             progress = results.progress
         stats = pool.statistics()
     assert got == [("A", uid, 600) for uid in range(5, 25)]
-    assert fetches.sizes == [10, 10]
-    assert progress == Progress(20, 20, 0, 2, 2, 2, 2)
-    # One connection did it all: SEARCH A, SEARCH B, then A's batches, without a new checkout
+    # A: its search fetched the matches among UIDs 1:10 (5 to 10) in the same round trip
+    # (SEARCHRES), then one batch of the rest (11 to 20) and one of 21 to 24; B's "ALL": no
+    # search, its first UID range (1:10) sent with its EXAMINE, which says that it is empty.
+    assert sorted(fetches.sizes) == [4, 10, 10]
+    assert progress == Progress(20, 20, 0, 4, 4, 2, 2)
+    # One connection did it all: SEARCH A, B's range, then A's batches, without a new checkout
     # between batches of the same folder.
     assert stats.connections_opened == 1
     assert stats.acquires <= 3
@@ -371,7 +374,13 @@ async def test_pipelined_fetches_write_every_command_before_reading_an_answer(
         # FETCHes of A at once and mix their answers: each batch still gets its own).
         for (folder, batch), outcome in zip(steps, outcomes, strict=True):
             await conn.select_folder(folder, readonly=True)
-            assert outcome == PipelinedFetch(await conn.fetch(batch, BODY), None, None)
+            assert outcome._replace(examined=None) == PipelinedFetch(
+                await conn.fetch(batch, BODY), None, None
+            )
+            # The first step of each folder had the EXAMINE, and says what it said.
+            examined = outcome.examined
+            assert (examined is not None) == (batch in (a[:3], b))
+            assert examined is None or examined[b"EXISTS"] == len(uids[folder])
             assert sorted(outcome.fetched or {}) == batch
 
 
@@ -621,3 +630,181 @@ async def test_the_bulk_operations_are_methods_of_the_pool_too(
         await pool.move_many({"INBOX": uids[2:]}, "Other")
         found = await pool.search_many(["INBOX", "Other"])
         assert (len(found["INBOX"]), len(found["Other"])) == (2, 5)
+
+
+# -- criteria without a serial search ---------------------------------------------------------
+
+
+def searches_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders fetch_many searched (SELECT + UID SEARCH, one thread hop each)."""
+    folders: list[str] = []
+    real_run_sync = Connection.run_sync
+
+    async def run_sync(conn: Connection, fn: Any, *args: Any) -> Any:
+        if fn is _fanout._select_and_search:
+            folders.append(args[0])
+        return await real_run_sync(conn, fn, *args)
+
+    monkeypatch.setattr(Connection, "run_sync", run_sync)
+    return folders
+
+
+async def test_all_is_fetched_by_uid_range_without_a_search(
+    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = seed(dovecot, account, {"A": 23, "B": 4}, size=700)
+    searched = searches_recorded(monkeypatch)
+    fetches = Commands(monkeypatch, "fetch")
+    async with (
+        open_pool(**account, max_size=2) as pool,
+        fetch_many(pool, {"A": "ALL", "B": ["all"]}, BODY, batch_size=5) as results,
+    ):
+        got = [(folder, uid) async for folder, uid, _ in results]
+        progress = results.progress
+    assert sorted(got) == sorted((f, uid) for f, folder in uids.items() for uid in folder)
+    assert searched == []
+    # A: the first range 1:5 with the EXAMINE, then 6:10 ... 21:23 from its UIDNEXT (24);
+    # B: 1:5 (4 messages), and nothing more.
+    assert sorted(batch[0] for _, batch in fetches.batches) == [1, 1, 6, 11, 16, 21]
+    assert progress == Progress(27, 27, 27 * 700, 6, 6, 2, 2)
+
+
+async def test_all_in_a_folder_whose_first_uids_are_gone_searches_above_the_first_range(
+    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = seed(dovecot, account, {"A": 40}, size=500)
+    client = IMAPClient(account["host"], account["port"], ssl=False)
+    client.login(account["username"], account["password"])
+    client.select_folder("A")
+    client.delete_messages(uids["A"][:34])
+    client.expunge()
+    client.logout()
+    searched = searches_recorded(monkeypatch)
+    async with (
+        open_pool(**account, max_size=1) as pool,
+        fetch_many(pool, {"A": "ALL"}, BODY, batch_size=5) as results,
+    ):
+        got = [uid async for _, uid, _ in results]
+        progress = results.progress
+    # UIDNEXT 41 but 6 messages: ranges would cost 7 empty FETCHes, a search one round trip.
+    assert got == uids["A"][34:]
+    assert searched == ["A"]
+    assert progress.messages_total == progress.messages_done == 6
+    assert progress.complete and progress.messages_missing == 0
+
+
+def select_and_search_recording(
+    client: IMAPClient, folder: str, criteria: Any
+) -> tuple[list[bytes], Any]:
+    imap = client._imap
+    events: list[bytes] = []
+    send, get_line = imap.send, imap._get_line
+
+    def recording_send(data: bytes) -> None:
+        events.append(bytes(data).split()[1])
+        send(data)
+
+    def recording_get_line() -> bytes:
+        events.append(b"<read>")
+        line: bytes = get_line()
+        return line
+
+    imap.send, imap._get_line = recording_send, recording_get_line
+    try:
+        return events, client.select_and_search(folder, True, criteria)
+    finally:
+        del imap.send, imap._get_line
+
+
+async def test_select_and_search_write_both_commands_before_reading_and_use_esearch(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = seed(dovecot, account, {"A": 12, "Empty": 0})
+    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+        events, (found, error, _) = await conn.run_sync(
+            select_and_search_recording, "A", ["UID", f"{uids['A'][2]}:{uids['A'][9]}"]
+        )
+        assert events[:3] == [b"EXAMINE", b"UID", b"<read>"]
+        assert error is None and found == uids["A"][2:10]
+        assert (conn.selected_folder, conn.readonly) == ("A", True)
+        _, (found, error, _) = await conn.run_sync(select_and_search_recording, "Empty", "ALL")
+        assert error is None and found == []
+        _, (found, error, command) = await conn.run_sync(
+            select_and_search_recording, "Missing", "ALL"
+        )
+        assert found is None and command == "select" and "select failed" in str(error)
+        assert conn.selected_folder is None
+        # The session is in step: the next command works.
+        await conn.noop()
+        _, (found, error, command) = await conn.run_sync(
+            select_and_search_recording, "A", ["NOSUCHKEY"]
+        )
+        assert found is None and command == "search" and error is not None
+        assert sorted(await conn.search("ALL")) == uids["A"]
+
+
+def test_esearch_answers_are_read_as_uid_ranges() -> None:
+    from trio_imappool._client import _esearch_uids
+
+    assert _esearch_uids([b'(TAG "A5") UID ALL 1:3,7,10:9']) == [1, 2, 3, 7, 9, 10]
+    assert _esearch_uids([b'(TAG "A5") UID']) is None
+
+
+def search_and_fetch_recording(
+    client: IMAPClient, folder: str, criteria: Any, first: range
+) -> tuple[list[bytes], Any]:
+    imap = client._imap
+    events: list[bytes] = []
+    send, get_line = imap.send, imap._get_line
+
+    def recording_send(data: bytes) -> None:
+        words = bytes(data).split()
+        events.append(words[1] if words[1] != b"UID" else b" ".join(words[1:3]))
+        send(data)
+
+    def recording_get_line() -> bytes:
+        events.append(b"<read>")
+        line: bytes = get_line()
+        return line
+
+    imap.send, imap._get_line = recording_send, recording_get_line
+    try:
+        return events, client.search_and_fetch(folder, criteria, first, BODY)
+    finally:
+        del imap.send, imap._get_line
+
+
+async def test_criteria_fetch_their_first_batch_with_the_search_in_one_round_trip(
+    dovecot: DovecotServer, account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = seed(dovecot, account, {"A": 25}, size=400)["A"]
+    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
+        events, (found, fetched, error, _) = await conn.run_sync(
+            search_and_fetch_recording, "A", ["NOT", "UID", "3"], range(1, 11)
+        )
+        # Four commands written before any answer was read: one round trip.
+        assert events[:5] == [b"EXAMINE", b"UID SEARCH", b"UID SEARCH", b"UID FETCH", b"<read>"]
+        assert set(events[5:]) == {b"<read>"}
+        assert error is None
+        assert found == [uid for uid in uids if uid != 3]
+        assert sorted(fetched or {}) == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+        assert all(len(data[b"BODY[]"]) == 400 for data in (fetched or {}).values())
+        _, (found, fetched, error, command) = await conn.run_sync(
+            search_and_fetch_recording, "Missing", ["ALL"], range(1, 11)
+        )
+        assert found is None and command == "select" and error is not None
+        await conn.noop()
+    # Through fetch_many: the search's own round trip brought the first batch; every
+    # message once, and the totals right.
+    searched = searches_recorded(monkeypatch)
+    fetches = Commands(monkeypatch, "fetch")
+    async with (
+        open_pool(**account, max_size=1) as pool,
+        fetch_many(pool, {"A": ["NOT", "UID", "3"]}, BODY, batch_size=10) as results,
+    ):
+        got = [uid async for _, uid, _ in results]
+        progress = results.progress
+    assert got == [uid for uid in uids if uid != 3]
+    assert searched == []  # no separate SELECT + SEARCH
+    assert fetches.sizes == [10, 5]  # 11:20 and 21:25 after the first batch
+    assert progress == Progress(24, 24, 24 * 400, 3, 3, 1, 1)

@@ -149,8 +149,8 @@ async def test_another_sessions_flag_change_during_a_fetch_is_never_given_to_ano
                     assert sorted(fetched) == [6]
                     assert b"\\Deleted" not in fetched[6][b"FLAGS"]
                     assert fetched[6][b"SEQ"] == 4
-                # The same through fetch_many's pipeline (the connection has INBOX selected,
-                # so no EXAMINE resyncs the session before the FETCH).
+                # The same through fetch_many's pipeline (its EXAMINE resyncs the session; the
+                # scripted test below sends the unsolicited lines inside the FETCH's answer).
                 await trio.to_thread.run_sync(lambda: other.add_flags([7], [b"\\Flagged"]))
                 async with fetch_many(pool, {"INBOX": [5, 6]}, ["FLAGS", "BODY.PEEK[]"]) as got:
                     messages = {uid: data async for _, uid, data in got}

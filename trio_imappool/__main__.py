@@ -6,6 +6,8 @@ Commands:
           follows the server's flag changes and deletions (one-way: local changes are
           never sent to the server)
   demo    start a private Dovecot, seed a mailbox, export it, and show what the pool did
+  folders list the account's folders with message counts and sizes, and what an export
+          into MAILDIR would fetch (nothing is fetched or written)
 
 Settings come from, first found wins: the command line; environment variables
 TRIO_IMAPPOOL_<SETTING> (HOST, PORT, USER, PASSWORD_COMMAND, TLS, CA_FILE, CONNECTIONS,
@@ -13,6 +15,9 @@ MAILDIR, ...); the TOML file named by --config or TRIO_IMAPPOOL_CONFIG, with key
 like the long options (host, port, user, password_command, auth, tls = "implicit" |
 "starttls" | "plain", ca_file, connections, batch_size, fsync, delete, folders = [...],
 exclude = [...], maildir); then the defaults.
+Without --config and TRIO_IMAPPOOL_CONFIG, export and folders read the default config file
+$XDG_CONFIG_HOME/trio-imappool/config.toml (~/.config/trio-imappool/config.toml when
+XDG_CONFIG_HOME is not set) if it exists.
 The password (or OAuth2 token, with --auth xoauth2) is the standard output of
 --password-command if given, else TRIO_IMAPPOOL_PASSWORD, else the output of a
 password_command from the environment or the config file, else asked for when standard
@@ -36,6 +41,8 @@ Exit status:
        exported; a folder that could not be (named, with the reason) or messages the
        server listed but did not return (folder and count) were not; run again to retry
   130  interrupted (Ctrl-C); what was written stays, run again to go on
+  141  standard output was closed early (as by `| head`): the run stops quietly, as a
+       program killed by SIGPIPE would (128 + 13)
 """
 
 from __future__ import annotations
@@ -45,10 +52,12 @@ import contextlib
 import dataclasses
 import getpass
 import importlib
+import io
 import ipaddress
 import logging
 import os
 import re
+import select
 import subprocess
 import sys
 import tempfile
@@ -76,12 +85,16 @@ from ._export import (
     ExportError,
     ExportProgress,
     ExportResult,
+    FolderFailure,
     FolderNotFoundError,
     export_maildir,
+    local_folder_name,
 )
 from ._fanout import DEFAULT_BATCH_SIZE
 from ._pool import Pool, open_pool
 from ._stats import PoolStatistics
+from ._survey import Survey, survey
+from ._version import __version__
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -100,6 +113,7 @@ EXIT_CODES = {
     "local": 7,
     "partial": 8,
     "interrupted": 130,
+    "output_closed": 141,
 }
 
 DEFAULT_CONNECTIONS = 4
@@ -199,6 +213,7 @@ class Settings:
         self._args = args
         self._env = environ
         path = getattr(args, "config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
+        path = path or _default_config_file(args, environ)
         self._config = _load_config(path) if path else {}
 
     def get(self, name: str) -> Any:
@@ -526,6 +541,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="add this many ms each way (a proxy), to show what parallel connections buy",
     )
+    _add_basics(parser, commands, export, common, server)
     return parser
 
 
@@ -938,6 +954,273 @@ async def _fetch_sizes(pool: Pool, name: str) -> None:
         await conn.fetch(uids, ["RFC822.SIZE"])
 
 
+# -- the command line's basics: --version, the default config file, folders, --dry-run, -q ---------
+
+
+#: Folder names and what they become on disk (``local_folder_name``), for ``folders --help``.
+_ESCAPING_EXAMPLES = (
+    ("INBOX", "/"),
+    ("Archive/2024", "/"),
+    ("Lists.trio", "."),
+    ("a.b", "/"),
+    ("a/b", "."),
+    ("50% off", "/"),
+    ("Ünïcödé", "/"),
+)
+
+
+def _escaping_help() -> str:
+    """How folder names become directory names, with examples computed by the exporter's own
+    mapping (so the help cannot drift from it)."""
+    lines = [
+        "Folder names on disk (Maildir++, as export writes them; the MAILDIR column of the list):",
+    ]
+    for name, delimiter in _ESCAPING_EXAMPLES:
+        local = local_folder_name(name, delimiter) or "(MAILDIR itself: cur/, new/, tmp/)"
+        lines.append(f"  {name:<14} delimiter {delimiter!r}  ->  {local}")
+    courier = local_folder_name("INBOX.Archive", ".", "INBOX.")
+    lines.append(f"  {'INBOX.Archive':<14} delimiter '.'  ->  {courier}  (namespace INBOX.)")
+    lines.append(
+        _wrap(
+            "Each other folder is '.' and the parts of its name (split at the server's "
+            "delimiter) joined with '.'; in a part, '%', '.', '/' and control characters are "
+            "written %XX (hex), everything else (non-ASCII included) is kept. A name over 200 "
+            "bytes is cut and ends with %~ and 16 hex digits of a hash; two folders that would "
+            "share a directory never do (the second gets the %~ suffix). Names are taken "
+            "relative to the server's personal namespace (Courier's INBOX. prefix is dropped)."
+        )
+    )
+    return "\n".join(lines)
+
+
+def _default_config_file(
+    args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
+) -> str | None:
+    """The default config file, if it exists: ``$XDG_CONFIG_HOME/trio-imappool/config.toml``,
+    else ``$HOME/.config/trio-imappool/config.toml``. Only for export and folders (the demo
+    never reaches a real account unless told to)."""
+    if getattr(args, "command", None) not in ("export", "folders"):
+        return None
+    base = environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative path is ignored
+        home = environ.get("HOME", "")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".config")
+    path = os.path.join(base, PROG, "config.toml")
+    return path if os.path.isfile(path) else None
+
+
+def _add_basics(
+    parser: argparse.ArgumentParser,
+    commands: Any,
+    export: argparse.ArgumentParser,
+    common: argparse.ArgumentParser,
+    server: argparse.ArgumentParser,
+) -> None:
+    """--version, export's --dry-run and -q, and the folders command."""
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    quiet_help = "print nothing but errors (on stderr); the exit status tells the rest"
+    export.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="connect and show what would be fetched (per folder), fetching and writing nothing",
+    )
+    export.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    export.epilog = (export.epilog or "") + (
+        "\nHow folder names become directory names: see `trio-imappool folders --help`.\n"
+    )
+    folders = commands.add_parser(
+        "folders",
+        parents=[common, server],
+        allow_abbrev=False,
+        help="list the account's folders: messages, sizes, and what an export would fetch",
+        description=_wrap(
+            "List the account's selectable folders (the ones export would take, INBOX first) "
+            "with their message counts, their sizes (STATUS SIZE where the server has it, "
+            "else the sum of the messages' RFC822.SIZE), and the directory each gets in a "
+            "Maildir. With MAILDIR (or maildir in the config), also how many new messages an "
+            "export into it would fetch, from its files and state files. Nothing is fetched "
+            "or written, on the server or on disk."
+        ),
+        epilog=_escaping_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    folders.add_argument(
+        "maildir", nargs="?", metavar="MAILDIR", help="show what an export into it would fetch"
+    )
+    folders.add_argument(
+        "-c",
+        "--connections",
+        type=int,
+        metavar="N",
+        help=f"connections used at once for the sizes (default {DEFAULT_CONNECTIONS})",
+    )
+    folders.add_argument(
+        "--folder",
+        dest="folders",
+        action="append",
+        metavar="NAME",
+        help="a folder or pattern like 'Archive/*' to list; repeat for more (default: all)",
+    )
+    folders.add_argument(
+        "--exclude", action="append", metavar="NAME", help="a folder or pattern to leave out"
+    )
+    folders.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+
+
+def _run_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the chosen command; its output is flushed here, so that a closed pipe is found
+    while the errors are still handled (not at the interpreter's exit)."""
+    if getattr(args, "quiet", False):
+        if args.verbose:
+            raise UsageError("-q and -v exclude each other")
+        args.progress = False
+        out = io.StringIO()  # errors still go to stderr
+    if args.command == "folders":
+        status = _run_folders(args, out)
+    elif args.command == "export" and getattr(args, "dry_run", False):
+        status = _run_dry_run(args, out)
+    elif args.command == "export":
+        status = _run_export(args, out)
+    else:
+        status = _demo(args, out)
+    out.flush()
+    return status
+
+
+async def _survey_account(
+    options: dict[str, Any], root: Path | None, settings: Settings, sizes: bool
+) -> Survey:
+    host = options.pop("host")
+    port = options.pop("port")
+    async with open_pool(host, port, **options) as pool:
+        return await survey(
+            pool,
+            root,
+            folders=settings.get("folders"),
+            exclude=settings.get("exclude") or (),
+            sizes=sizes,
+            max_connections=options["max_size"],
+        )
+
+
+def _report_unusable(failures: Sequence[FolderFailure], err: TextIO) -> None:
+    for failure in failures:
+        print(
+            f"{PROG}: folder {_printable(failure.name)!r} cannot be exported: {failure.reason}",
+            file=err,
+        )
+
+
+def _run_folders(args: argparse.Namespace, out: TextIO) -> int:
+    settings = Settings(args, os.environ)
+    maildir = args.maildir or settings.get("maildir")
+    root = Path(os.path.expanduser(maildir)) if maildir else None
+    found = trio.run(_survey_account, settings.pool_options(), root, settings, True)
+    _print_folders(found, root, out)
+    _report_unusable(found.failures, sys.stderr)
+    return EXIT_CODES["ok"]
+
+
+def _print_folders(found: Survey, root: Path | None, out: TextIO) -> None:
+    header = ["FOLDER", "MESSAGES", "SIZE", *(["NEW"] if root is not None else []), "MAILDIR"]
+    rows = [header]
+    for f in found.folders:
+        row = [_printable(f.server.name), f"{f.server.messages:,}"]
+        row.append("-" if f.size is None else _size(f.size))
+        if root is not None:
+            row.append(f"{f.new or 0:,}")
+        row.append(_printable(f.local) or "(top)")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:-1], strict=True)]
+        cells.append(row[-1])
+        print("  ".join(cells).rstrip(), file=out)
+    messages = sum(f.server.messages for f in found.folders)
+    total = f"{_n(len(found.folders), 'folder')}, {_n(messages, 'message')}"
+    if found.size_source is not None:
+        size = sum(f.size or 0 for f in found.folders)
+        total += f", {_size(size)} (sizes from {found.size_source})"
+    if root is not None:
+        new = [f for f in found.folders if f.new]
+        count = sum(f.new or 0 for f in new)
+        if count:
+            total += (
+                f"; an export into {root} would fetch {_n(count, 'new message')} from "
+                f"{len(new)} of {_n(len(found.folders), 'folder')}"
+            )
+        else:
+            total += f"; nothing new to export into {root}"
+    print(total, file=out)
+
+
+def _run_dry_run(args: argparse.Namespace, out: TextIO) -> int:
+    settings = Settings(args, os.environ)
+    maildir = args.maildir or settings.get("maildir")
+    if not maildir:
+        raise UsageError("no destination: give MAILDIR (or maildir in the config file)")
+    if settings.get("accounts"):
+        raise UsageError("--dry-run is for one account; it cannot be used with --accounts")
+    root = Path(os.path.expanduser(maildir))
+    found = trio.run(_survey_account, settings.pool_options(), root, settings, False)
+    print(f"dry run: nothing is fetched or written into {root}", file=out)
+    width = max((len(_printable(f.server.name)) for f in found.folders), default=0)
+    count = 0
+    active = 0
+    for f in found.folders:
+        new = f.new or 0
+        count += new
+        active += bool(new)
+        if not (new or f.aside or args.verbose):
+            continue
+        where = "cur/" if not f.local else f"{_printable(f.local)}/cur/"
+        note = ""
+        if f.aside:
+            note = f"  (new UIDVALIDITY: {_n(f.aside, 'old file')} would be moved aside first)"
+        line = f"  {_printable(f.server.name):<{width}} {new:7,} new {f.exported:7,} in {where}"
+        print(f"{line}{note}", file=out)
+    folders = _n(len(found.folders), "folder")
+    if count:
+        print(f"would fetch {_n(count, 'new message')} from {active} of {folders}", file=out)
+    else:
+        print(f"nothing new in {folders}", file=out)
+    _report_unusable(found.failures, sys.stderr)
+    return EXIT_CODES["ok"]
+
+
+def _output_closed(exc: BaseException) -> bool:
+    """Whether *exc* is a BrokenPipeError from writing to a standard output whose reader has
+    gone (``| head``). A BrokenPipeError from an IMAP socket, standard output being fine,
+    stays a connection error."""
+    if not any(isinstance(item, BrokenPipeError) for item in _causes(exc)):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no real stdout (a test's capture)
+        return False
+    # Linux and the BSDs report POLLERR (or POLLHUP) on a pipe's write end without readers.
+    return any(mask & (select.POLLERR | select.POLLHUP) for _fd, mask in events)
+
+
+def _quiet_exit_for_closed_output() -> int:
+    """Point standard output at /dev/null (so that the interpreter's last flush does not
+    complain either) and return 141, what a shell shows for a program killed by SIGPIPE."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    return EXIT_CODES["output_closed"]
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -970,14 +1253,14 @@ def _logging(debug: bool, verbose: bool) -> Iterator[None]:
 
 def _main(args: argparse.Namespace, out: TextIO) -> int:
     try:
-        if args.command == "export":
-            return _run_export(args, out)
-        return _demo(args, out)
+        return _run_command(args, out)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; what was written stays: run again to go on", file=sys.stderr)
         return EXIT_CODES["interrupted"]
     except BaseException as exc:
         error = _single(exc)
+        if _output_closed(error):
+            return _quiet_exit_for_closed_output()
         if isinstance(error, KeyboardInterrupt):
             print(f"{PROG}: interrupted; run again to go on", file=sys.stderr)
             return EXIT_CODES["interrupted"]

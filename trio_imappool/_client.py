@@ -22,18 +22,23 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import trio
 from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import ProtocolError
 from imapclient.imap4 import IMAP4WithTimeout
-from imapclient.imapclient import join_message_ids, seq_to_parenstr_upper
+from imapclient.imapclient import (
+    _normalise_search_criteria,
+    join_message_ids,
+    seq_to_parenstr_upper,
+)
 from imapclient.response_parser import (
     _convert_ENVELOPE,
     _convert_INTERNALDATE,
     gen_parsed_response,
+    parse_message_list,
 )
 from imapclient.response_types import BodyData
 from imapclient.tls import IMAP4_TLS
@@ -45,6 +50,7 @@ from ._errors import (
     connection_survives,
     suggests_server_gone,
 )
+from ._fetch_reader import FetchReader
 from ._login import LoginError, login_with_literals
 
 __all__ = ["PipelinedFetch", "PooledClient", "TrackingClient"]
@@ -171,7 +177,7 @@ def _message_ids(messages: Any) -> set[int]:
 
 
 def parse_fetch_results(
-    lines: list[Any], normalise_times: bool, wanted: set[int] | None
+    lines: list[Any], normalise_times: bool, wanted: Container[int] | None
 ) -> dict[int, dict[bytes, Any]]:
     """The messages in the untagged FETCH responses of a ``UID FETCH``, by UID.
 
@@ -181,8 +187,16 @@ def parse_fetch_results(
     the sequence number, merged into whichever message has that number as its UID. Several
     responses for the same UID are one message's items, merged.
     """
+    return select_fetch_results(_fetch_responses(lines, normalise_times), wanted)
+
+
+def select_fetch_results(
+    responses: Iterable[dict[bytes, Any]], wanted: Container[int] | None
+) -> dict[int, dict[bytes, Any]]:
+    """The parsed FETCH responses that are results, merged by UID (see
+    :func:`parse_fetch_results`)."""
     results: dict[int, dict[bytes, Any]] = {}
-    for items in _fetch_responses(lines, normalise_times):
+    for items in responses:
         uid = items.get(b"UID")
         if not isinstance(uid, int) or (wanted is not None and uid not in wanted):
             continue
@@ -233,12 +247,55 @@ def _fetch_value(word: bytes, value: Any, normalise_times: bool) -> Any:
     return value
 
 
+class _Wanted:
+    """Membership in any of several UID collections (lists or ranges), without copying them."""
+
+    __slots__ = ("_ranges", "_set")
+
+    def __init__(self, parts: Sequence[Sequence[int]]) -> None:
+        self._ranges = [part for part in parts if isinstance(part, range)]
+        self._set = {uid for part in parts if not isinstance(part, range) for uid in part}
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._set or any(uid in part for part in self._ranges)
+
+
 class PipelinedFetch(NamedTuple):
     """The outcome of one step of :meth:`TrackingClient.fetch_pipelined`."""
 
     fetched: dict[int, dict[bytes, Any]] | None
     error: Exception | None
     command: Literal["select", "fetch"] | None  # the command that failed
+    #: What the EXAMINE sent for this step said (``b"EXISTS"``, ``b"UIDNEXT"`` ...), as
+    #: imapclient's ``select_folder`` returns it; None where the step had no EXAMINE.
+    examined: dict[bytes, Any] | None = None
+
+
+def message_set(uids: Sequence[int]) -> bytes:
+    """UIDs as an IMAP message set: a ``range`` as ``first:last``, anything else listed."""
+    if isinstance(uids, range) and uids.step == 1 and uids:
+        return b"%d:%d" % (uids.start, uids.stop - 1)
+    joined: bytes = join_message_ids(uids)
+    return joined
+
+
+def _esearch_uids(lines: list[Any]) -> list[int] | None:
+    """The UIDs of an ESEARCH answer's ``ALL`` (RFC 4731), or None if it has none."""
+    for line in lines:
+        if not isinstance(line, bytes):
+            continue
+        words = line.split()
+        for index, word in enumerate(words[:-1]):
+            if word.upper() == b"ALL":
+                uids: list[int] = []
+                for part in words[index + 1].split(b","):
+                    low, _, high = part.partition(b":")
+                    first, last = int(low), int(high or low)
+                    if first > last:
+                        first, last = last, first
+                    uids.extend(range(first, last + 1))
+                return uids
+    return None
 
 
 def _failure(command: str, typ: str, answer: list[Any]) -> Exception:
@@ -280,11 +337,16 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         steps: Sequence[tuple[str, Sequence[int]]],
         data: Sequence[str | bytes],
         reading: list[int] | None = None,
+        fresh: Container[int] = (),
     ) -> list[PipelinedFetch]:
         """``UID FETCH`` batches of one or more folders in one round trip.
 
-        Each step is ``(folder, uids)``. A step whose folder is not the one selected read-only
-        before it (on the connection, or by the step before) is preceded by an EXAMINE. Every
+        Each step is ``(folder, uids)``; *uids* may be a ``range``, sent as ``first:last``
+        (UIDs that do not exist are simply not returned). The first step, every step whose
+        folder is not the one the step before examined, and every step whose index is in
+        *fresh*, is preceded by an EXAMINE (also when the connection has the folder selected:
+        the EXAMINE makes the session current); what the EXAMINE said is in the step's
+        ``examined``. Every
         command is written before any answer is read: IMAP lets a client pipeline commands, and
         the server runs them in order (RFC 9051 5.5), so EXAMINE A, FETCH A, EXAMINE B, FETCH B
         cost one round trip instead of four.
@@ -299,28 +361,27 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         imap = self._imap
         fields = seq_to_parenstr_upper(list(data))
         sent: list[tuple[str | None, str]] = []  # per step: the EXAMINE's tag or None, FETCH's
-        will_be = self.selected
+        will_be: tuple[str, bool] | None
         state = imap.state
         imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
-        noop = None
+        # The first folder is examined even when it is selected already: a session learns of
+        # other sessions' changes (messages appended since) only at its next command, and a
+        # NOOP pipelined before the FETCH is not enough, since Dovecot runs the FETCH beside
+        # the NOOP before the NOOP's sync is done (seen: the new UID's FETCH came back empty).
+        # An EXAMINE is a barrier, in the same round trip.
+        will_be = None
         try:
             # Untagged FETCH responses left by earlier commands are not this pipeline's.
             imap.untagged_responses.pop("FETCH", None)
-            if steps and will_be == (steps[0][0], True):
-                # The folder was selected by an earlier command: a NOOP first makes the session
-                # current (messages appended by other sessions since), in the same round trip.
-                noop = imap._command("NOOP")
-            for folder, uids in steps:
+            for number, (folder, uids) in enumerate(steps):
                 examine = None
-                if will_be != (folder, True):
+                if will_be != (folder, True) or number in fresh:
                     if not sent:
                         imap.untagged_responses = {}  # as imaplib's select() does
                     imap.is_readonly = True
                     examine = imap._command("EXAMINE", self._normalise_folder(folder))
                     will_be = (folder, True)
-                sent.append(
-                    (examine, imap._command("UID", "FETCH", join_message_ids(uids), fields))
-                )
+                sent.append((examine, imap._command("UID", "FETCH", message_set(uids), fields)))
         finally:
             imap.state = state
         results: list[PipelinedFetch] = []
@@ -337,9 +398,12 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             failed: dict[int, PipelinedFetch] = {}
             if reading is not None:
                 reading[0] = start
+            examined = None
             if examine is not None:
                 self.selected = None
                 typ, answer = imap._command_complete("EXAMINE", examine)
+                if typ == "OK":
+                    examined = self._process_select_response(imap.untagged_responses)
                 imap.untagged_responses.clear()  # what EXAMINE said; the FETCHes' come next
                 if typ == "OK":
                     imap.state = "SELECTED"
@@ -349,33 +413,182 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
                     error = _failure("select", typ, answer)
                     failed = {i: PipelinedFetch(None, error, "select") for i in range(start, end)}
             lines: list[Any] = []
-            for index in range(start, end):
-                if reading is not None:
-                    reading[0] = index
-                try:
-                    typ, answer = imap._command_complete("FETCH", sent[index][1])
-                except imaplib.IMAP4.abort:
-                    raise
-                except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
-                    typ, answer = "BAD", [str(exc).encode()]
-                lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x is not None]
-                if typ != "OK" and index not in failed:
-                    failed[index] = PipelinedFetch(None, _failure("fetch", typ, answer), "fetch")
+            with FetchReader(imap) as reader:
+                for index in range(start, end):
+                    if reading is not None:
+                        reading[0] = index
+                    try:
+                        typ, answer = imap._command_complete("FETCH", sent[index][1])
+                    except imaplib.IMAP4.abort:
+                        raise
+                    except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+                        typ, answer = "BAD", [str(exc).encode()]
+                    lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x]
+                    if typ != "OK" and index not in failed:
+                        error = _failure("fetch", typ, answer)
+                        failed[index] = PipelinedFetch(None, error, "fetch")
             # Only responses with a UID asked for are results: unsolicited ones (other
             # sessions' flag changes, without a UID) are dropped, never merged.
-            wanted = {uid for index in range(start, end) for uid in steps[index][1]}
-            response = parse_fetch_results(lines, self.normalise_times, wanted)
+            wanted = _Wanted([steps[index][1] for index in range(start, end)])
+            responses = reader.messages
+            responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
+            response = select_fetch_results(responses, wanted)
             for index in range(start, end):
                 if index in failed:
                     results.append(failed[index])
                 else:
                     uids = steps[index][1]
-                    fetched = {uid: response[uid] for uid in uids if uid in response}
-                    results.append(PipelinedFetch(fetched, None, None))
+                    if isinstance(uids, range):
+                        fetched = {uid: data for uid, data in response.items() if uid in uids}
+                    else:
+                        fetched = {uid: response[uid] for uid in uids if uid in response}
+                    results.append(
+                        PipelinedFetch(fetched, None, None, examined if index == start else None)
+                    )
             start = end
-        if noop is not None:
-            imap._command_complete("NOOP", noop)  # answered before the first FETCH: no wait
         return results
+
+    def select_and_search(
+        self, folder: str, readonly: bool, criteria: Any, charset: str | None = None
+    ) -> tuple[list[int] | None, Exception | None, Literal["select", "search"] | None]:
+        """SELECT (or EXAMINE) *folder* and ``UID SEARCH`` it, in one round trip.
+
+        Both commands are written before either answer is read (RFC 9051 5.5). Where the
+        server has ESEARCH (RFC 4731) the search asks for ``RETURN (ALL)``, whose answer lists
+        the UIDs as ranges. Criteria that would need a literal (non-ASCII, or a *charset*) take
+        imapclient's own two round trips instead.
+
+        Returns the UIDs found (ascending), or the error of a NO or BAD answer and the command
+        that got it. Errors that leave the session in doubt are raised.
+        """
+        args = _normalise_search_criteria(criteria, charset)
+        if charset or any(not arg.isascii() or b"\r" in arg or b"\n" in arg for arg in args):
+            try:
+                self.select_folder(folder, readonly)
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as exc:
+                return None, exc, "select"
+            try:
+                return sorted({int(uid) for uid in self.search(criteria, charset)}), None, None
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as exc:
+                return None, exc, "search"
+        imap = self._imap
+        esearch = self.has_capability("ESEARCH")
+        if esearch:
+            args = [b"RETURN", b"(ALL)", *args]
+        state = imap.state
+        imap.state = "SELECTED"
+        try:
+            imap.untagged_responses = {}
+            imap.is_readonly = readonly
+            name = "EXAMINE" if readonly else "SELECT"
+            select = imap._command(name, self._normalise_folder(folder))
+            search = imap._command("UID", "SEARCH", *args)
+        finally:
+            imap.state = state
+        self.selected = None
+        typ, answer = imap._command_complete(name, select)
+        error: Exception | None = None
+        if typ == "OK":
+            imap.state = "SELECTED"
+            self.selected = (folder, readonly)
+        else:
+            imap.state = "AUTH"
+            error = _failure("select", typ, answer)
+        imap.untagged_responses.clear()
+        try:
+            typ, answer = imap._command_complete("SEARCH", search)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+            typ, answer = "BAD", [str(exc).encode()]
+        if error is not None:
+            return None, error, "select"
+        if typ != "OK":
+            return None, _failure("search", typ, answer), "search"
+        untagged = imap.untagged_responses
+        found = _esearch_uids(untagged.pop("ESEARCH", [])) if esearch else None
+        if found is None:
+            lines = [x for x in untagged.pop("SEARCH", []) if x is not None]
+            found = parse_message_list(lines) if lines else []
+        return sorted({int(uid) for uid in found}), None, None
+
+    def can_search_and_fetch(self, criteria: Any, charset: str | None) -> bool:
+        """Whether :meth:`search_and_fetch` can send these criteria in one round trip."""
+        if charset or not (self.has_capability("SEARCHRES") and self.has_capability("ESEARCH")):
+            return False
+        args = _normalise_search_criteria(criteria, charset)
+        return all(arg.isascii() and b"\r" not in arg and b"\n" not in arg for arg in args)
+
+    def search_and_fetch(
+        self, folder: str, criteria: Any, first: range, data: Sequence[str | bytes]
+    ) -> tuple[list[int] | None, dict[int, dict[bytes, Any]] | None, Exception | None, str]:
+        """EXAMINE *folder*, search it, and fetch the matches among the UIDs *first*, in one
+        round trip (check :meth:`can_search_and_fetch` first).
+
+        Four commands go at once: EXAMINE; ``UID SEARCH RETURN (ALL)`` with the criteria
+        (every match, as ranges: ESEARCH, RFC 4731); ``UID SEARCH RETURN (SAVE) UID
+        first:last`` with the criteria (the matches in *first*, kept by the server as ``$``:
+        SEARCHRES, RFC 5182); and ``UID FETCH $``. So the folder's first batch comes back
+        with its search, bounded by *first* as any batch is.
+
+        Returns every UID found (ascending) and the first batch's messages (as
+        :meth:`fetch_pipelined` returns them), or the error of a NO or BAD answer and the
+        command that got it (``"select"``, ``"search"`` or ``"fetch"``).
+        """
+        imap = self._imap
+        args = _normalise_search_criteria(criteria, None)
+        fields = seq_to_parenstr_upper(list(data))
+        state = imap.state
+        imap.state = "SELECTED"
+        try:
+            imap.untagged_responses = {}
+            imap.is_readonly = True
+            examine = imap._command("EXAMINE", self._normalise_folder(folder))
+            search = imap._command("UID", "SEARCH", b"RETURN", b"(ALL)", *args)
+            save = imap._command(
+                "UID", "SEARCH", b"RETURN", b"(SAVE)", b"UID", message_set(first), *args
+            )
+            fetch = imap._command("UID", "FETCH", b"$", fields)
+        finally:
+            imap.state = state
+        self.selected = None
+        typ, answer = imap._command_complete("EXAMINE", examine)
+        failure: tuple[Exception, str] | None = None
+        if typ == "OK":
+            imap.state = "SELECTED"
+            self.selected = (folder, True)
+        else:
+            imap.state = "AUTH"
+            failure = (_failure("select", typ, answer), "select")
+        imap.untagged_responses.clear()
+        found: list[int] | None = None
+        lines: list[Any] = []
+        with FetchReader(imap) as reader:
+            for name, tag in (("SEARCH", search), ("SEARCH", save), ("FETCH", fetch)):
+                try:
+                    typ, answer = imap._command_complete(name, tag)
+                except imaplib.IMAP4.abort:
+                    raise
+                except imaplib.IMAP4.error as exc:  # a BAD answer, read in full
+                    typ, answer = "BAD", [str(exc).encode()]
+                if typ != "OK" and failure is None:
+                    failure = (_failure(name.lower(), typ, answer), name.lower())
+                if tag == search:
+                    answers = imap.untagged_responses.pop("ESEARCH", [])
+                    found = _esearch_uids([x for x in answers if x]) or []
+                lines += [x for x in imap.untagged_responses.pop("FETCH", []) if x]
+        if failure is not None:
+            return None, None, failure[0], failure[1]
+        assert found is not None
+        uids = sorted(set(found))
+        wanted = {uid for uid in uids if uid in first}
+        responses = reader.messages
+        responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
+        return uids, select_fetch_results(responses, wanted), None, ""
 
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
         """imapclient's ``fetch``, but a message's data is only what the server sent for it.
@@ -395,10 +608,13 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         if modifiers:
             args.append(seq_to_parenstr_upper(modifiers))
         tag = imap._command("UID", *args)
-        typ, answer = imap._command_complete("FETCH", tag)
+        with FetchReader(imap) as reader:
+            typ, answer = imap._command_complete("FETCH", tag)
         self._checkok("fetch", typ, answer)
-        lines = imap.untagged_responses.pop("FETCH", [])
-        return parse_fetch_results(lines, self.normalise_times, _message_ids(messages))
+        lines = [x for x in imap.untagged_responses.pop("FETCH", []) if x]
+        responses = reader.messages
+        responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
+        return select_fetch_results(responses, _message_ids(messages))
 
     def unselect_folder(self) -> Any:
         try:

@@ -14,13 +14,17 @@ connection checked out of the pool, and either stream the results back as they a
 
 **What each folder gets.** A UID list (any iterable of ints), or search criteria (a string such
 as ``"ALL"``, or a list such as ``["UNSEEN"]`` or ``["SINCE", date(2026, 1, 1)]``: anything with
-a string in it), searched first on a pooled connection.
+a string in it), searched first on a pooled connection. :func:`fetch_many` needs no search
+for ``"ALL"``: it fetches the folder by UID range, the first range sent with the folder's
+EXAMINE, whose UIDNEXT and EXISTS plan the rest (a folder whose UIDs are sparse, its old
+messages expunged, is searched above the first range instead).
 
-**How the work is spread.** Searches run first, each after a SELECT of its own (so that it sees
-the folder as it is now, not as a connection that has had it selected for a while last saw it),
-and the connection that searched a folder goes on with that folder's first batches, so one
-SELECT serves both. A task keeps its connection for the next batch of the same folder (no
-second SELECT) unless other tasks are waiting for a connection; when it has to change folders
+**How the work is spread.** Searches run first, each with a SELECT of its own sent in the same
+round trip (so that it sees the folder as it is now, not as a connection that has had it
+selected for a while last saw it; ESEARCH where the server has it), and the connection that
+searched a folder goes on with that folder's first batches, so one SELECT serves both. A task
+keeps its connection for the next batch of the same folder (no second SELECT) unless other
+tasks are waiting for a connection; when it has to change folders
 it releases the connection and checks one out again, so other users of the pool get their
 turn. A task that gets a connection with a folder already selected takes a batch of that folder
 if one is left. Tasks spread over the folders, the least-worked folder first, so that each
@@ -165,6 +169,7 @@ class _Tracker:
         self._messages = self._bytes = self._batches = self._folders_done = 0
         self._missing = 0
         self._left: dict[str, int] = {}  # folder -> batches not done yet
+        self._final: set[str] = set()  # folders whose every batch is known
         self.value: Final = AsyncValue(Progress(None, 0, 0, None, 0, folders, 0))
 
     def _publish(self) -> None:
@@ -180,19 +185,30 @@ class _Tracker:
             self._missing,
         )
 
-    def planned(self, folder: str, messages: int, batches: int) -> None:
-        """A folder's work is known: *messages* in *batches*."""
-        self._unplanned -= 1
+    def planned(self, folder: str, messages: int, batches: int, *, final: bool = True) -> None:
+        """More of a folder's work is known: *messages* in *batches*; with *final*, all of it
+        (a folder whose first batch was sent before its size was known is planned twice)."""
         self._messages_total += messages
         self._batches_total += batches
-        if batches:
-            self._left[folder] = batches
-        else:
-            self._folders_done += 1
+        left = self._left.get(folder, 0) + batches
+        if left:
+            self._left[folder] = left
+        if final:
+            self._unplanned -= 1
+            self._final.add(folder)
+            if not left:
+                self._folders_done += 1
         self._publish()
 
     def done(
-        self, folder: str, messages: int, size: int, *, batch_done: bool, missing: int = 0
+        self,
+        folder: str,
+        messages: int,
+        size: int,
+        *,
+        batch_done: bool,
+        missing: int = 0,
+        publish: bool = True,
     ) -> None:
         """*messages* of *folder* (of *size* bytes, *missing* of them skipped) are done, and
         maybe their batch."""
@@ -204,8 +220,10 @@ class _Tracker:
             self._left[folder] -= 1
             if not self._left[folder]:
                 del self._left[folder]
-                self._folders_done += 1
-        self._publish()
+                if folder in self._final:
+                    self._folders_done += 1
+        if publish:
+            self._publish()
 
 
 # -- planning: the caller's folders, checked before anything starts ----------------------------
@@ -214,6 +232,18 @@ class _Tracker:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Search:
     criteria: Criteria
+    #: Only UIDs above this count (a search for what a folder's first range did not cover).
+    above: int = 0
+
+
+def _is_all(criteria: Criteria) -> bool:
+    """Whether criteria are just ``ALL``: fetched by UID range, with no search."""
+    if isinstance(criteria, bytes):
+        criteria = criteria.decode("ascii", "replace")
+    if isinstance(criteria, str):
+        return criteria.strip().upper() == "ALL"
+    items = list(criteria)
+    return len(items) == 1 and isinstance(items[0], str | bytes) and _is_all(items[0])
 
 
 def _is_uid(value: object) -> bool:
@@ -295,6 +325,9 @@ class _Work:
     folder: str
     uids: Sequence[int] = ()
     search: _Search | None = None
+    #: The first UID range of a folder fetched as "ALL", sent with a fresh EXAMINE whose
+    #: UIDNEXT and EXISTS plan the rest of the folder.
+    probe: bool = False
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -304,6 +337,8 @@ class _Delivery:
     folder: str
     messages: collections.deque[tuple[int, dict[bytes, Any]]]
     skipped: int
+    #: What the batch's EXAMINE said (only where the batch had one).
+    examined: dict[bytes, Any] | None = None
 
 
 # Runs one batch on a connection that has the batch's folder selected; a delivery for the
@@ -318,6 +353,12 @@ _RunBatch: TypeAlias = Callable[["Connection", _Work, bool], Awaitable[_Delivery
 # was being read when an exception is raised.
 _RunPipelined: TypeAlias = Callable[
     ["Connection", list[_Work], "_Cursor"], Awaitable[list[_Delivery | PipelinedFetch]]
+]
+
+# Searches a folder and fetches the matches among its first UIDs in one round trip (fetch):
+# every UID found and the first batch's delivery, or None where the server cannot.
+_RunSearchFetch: TypeAlias = Callable[
+    ["Connection", _Work, range, "_Cursor"], Awaitable[tuple[list[int], _Delivery] | None]
 ]
 
 # Batches a fetch worker sends at once: the second one's round trip overlaps the first's.
@@ -355,8 +396,10 @@ class _FanOut:
         run_pipelined: _RunPipelined | None = None,
         send: trio.MemorySendChannel[_Delivery] | None = None,
         charset: str | None = None,
+        run_search_fetch: _RunSearchFetch | None = None,
     ) -> None:
         self._pool = pool
+        self._run_search_fetch = run_search_fetch
         self._run_pipelined = run_pipelined
         self.operation = operation
         self._mode = mode
@@ -374,26 +417,71 @@ class _FanOut:
         self._batches: dict[str, collections.deque[_Work]] = {}
         self._busy: collections.Counter[str] = collections.Counter()
         self._searching = 0
+        self._probing = 0
         self._changed = trio.Event()
         for folder, spec in plan.items():
-            if isinstance(spec, _Search):
+            if isinstance(spec, _Search) and run_pipelined is not None and _is_all(spec.criteria):
+                # No search: the first range goes now, with an EXAMINE that tells the rest.
+                probe = _Work(folder, range(1, batch_size + 1), probe=True)
+                self._batches[folder] = collections.deque([probe])
+                self._probing += 1
+                self.tracker.planned(folder, 0, 1, final=False)
+            elif isinstance(spec, _Search):
                 self._searches.append(_Work(folder, search=spec))
             else:
                 self._plan(folder, spec)
 
     # -- decisions (synchronous) --
 
-    def _plan(self, folder: str, uids: Sequence[int]) -> None:
+    def _plan(
+        self, folder: str, uids: Sequence[int], *, already: int = 0, fetched: int = 0
+    ) -> None:
+        """Plan a folder's batches; *already* messages in *fetched* batches came with its
+        search."""
         size = self._batch_size
         if self._run_batch is None and self._run_pipelined is None:  # search only
             self.tracker.planned(folder, len(uids), 0)
         else:
             batches = [_Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
             if batches:
-                self._batches[folder] = collections.deque(batches)
-            self.tracker.planned(folder, len(uids), len(batches))
+                self._batches.setdefault(folder, collections.deque()).extend(batches)
+            self.tracker.planned(folder, already + len(uids), fetched + len(batches))
+        self._wake()
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def _planned_after_probe(self, probe: _Work, delivery: _Delivery) -> None:
+        """Plan the rest of a folder fetched as "ALL" from what its first range's EXAMINE
+        said: UID ranges up to UIDNEXT where the UIDs are dense, else a search for the UIDs
+        above the first range (a folder whose old messages were expunged)."""
+        assert isinstance(probe.uids, range)
+        folder, start = probe.folder, probe.uids.stop
+        examined = delivery.examined or {}
+        returned = len(delivery.messages) + delivery.skipped
+        exists, uidnext = examined.get(b"EXISTS"), examined.get(b"UIDNEXT")
+        self._probing -= 1
+        known = isinstance(exists, int) and isinstance(uidnext, int)
+        if not known:  # the server did not say: search
+            exists = uidnext = 0
+        assert isinstance(exists, int) and isinstance(uidnext, int)
+        left = exists - returned
+        if known and left <= 0:
+            self.tracker.planned(folder, returned, 0)
+        elif known and uidnext - start <= 2 * left + self._batch_size:
+            size = self._batch_size
+            batches = [
+                _Work(folder, range(low, min(low + size, uidnext)))
+                for low in range(start, uidnext, size)
+            ]
+            self._batches.setdefault(folder, collections.deque()).extend(batches)
+            self.tracker.planned(folder, returned + left, len(batches))
+        else:
+            self.tracker.planned(folder, returned, 0, final=False)
+            search = _Search(["UID", f"{start}:*"], above=start - 1)
+            self._searches.append(_Work(folder, search=search))
+        self._wake()
 
     def _take(self, prefer: str | None, *, searches: bool = True) -> _Work | None:
         """The next work for a worker whose connection has *prefer* selected: more of the
@@ -440,7 +528,7 @@ class _FanOut:
 
     def _finished(self) -> bool:
         """Whether no more work can appear (no search is pending or running)."""
-        return not self._searches and not self._searching
+        return not self._searches and not self._searching and not self._probing
 
     def _fail(self, cursor: _Cursor, exc: Exception) -> None:
         work = cursor.work
@@ -515,16 +603,16 @@ class _FanOut:
                 cursor.step = "select"
                 if work.search is None and self._run_pipelined is not None:
                     work = await self._run_pipeline(conn, work, cursor, undelivered)
-                else:
-                    selected = await self._select(conn, work.folder, fresh=work.search is not None)
-                    cursor.step = "command"
-                    if work.search is not None:
-                        await self._search(conn, work.folder, work.search)
+                elif work.search is not None:
+                    if not await self._search_and_fetch(conn, work, cursor, undelivered):
+                        await self._search(conn, work.folder, work.search, cursor)
                         self._busy[work.folder] -= 1
-                    else:
-                        assert self._run_batch is not None
-                        done = await self._run_batch(conn, work, not selected)
-                        self._batch_done(work, done, undelivered)
+                else:
+                    selected = await self._select(conn, work.folder, fresh=False)
+                    cursor.step = "command"
+                    assert self._run_batch is not None
+                    done = await self._run_batch(conn, work, not selected)
+                    self._batch_done(work, done, undelivered)
                 following = self._take(work.folder)
                 if (
                     undelivered
@@ -560,6 +648,8 @@ class _FanOut:
                 assert outcome.error is not None
                 cursor.step = "select" if outcome.command == "select" else "command"
                 raise outcome.error
+            if done.probe:
+                self._planned_after_probe(done, outcome)
             self._batch_done(done, outcome, undelivered)
         cursor.step = "command"
         return works[-1]
@@ -591,12 +681,63 @@ class _FanOut:
         await conn.select_folder(folder, readonly=self._mode != "read-write")
         return True
 
-    async def _search(self, conn: Connection, folder: str, search: _Search) -> None:
-        found = await conn.search(search.criteria, self._charset)
-        uids = sorted({int(uid) for uid in found})
+    async def _search_and_fetch(
+        self, conn: Connection, work: _Work, cursor: _Cursor, undelivered: list[_Delivery]
+    ) -> bool:
+        """Search a folder and fetch its first batch in one round trip where the operation
+        and the server allow it (SEARCHRES); False where not (nothing was sent)."""
+        search = work.search
+        if self._run_search_fetch is None or search is None or search.above:
+            return False
+        first = range(1, self._batch_size + 1)
+        outcome = await self._run_search_fetch(conn, work, first, cursor)
+        if outcome is None:
+            return False
+        uids, delivery = outcome
+        self.found[work.folder] = uids
+        self._searching -= 1
+        head = [uid for uid in uids if uid in first]
+        rest = [uid for uid in uids if uid not in first]
+        self._plan(work.folder, rest, already=len(head), fetched=1)
+        self._batch_done(work, delivery, undelivered)
+        return True
+
+    async def _search(
+        self, conn: Connection, folder: str, search: _Search, cursor: _Cursor
+    ) -> None:
+        """SELECT the folder afresh and search it, both in one round trip: a SEARCH on a
+        connection that has had the folder selected for a while may answer from its old view
+        (Dovecot syncs changes made by other connections only after a SELECT)."""
+        readonly = self._mode != "read-write"
+        uids, error, command = await conn.run_sync(
+            _select_and_search, folder, readonly, search.criteria, self._charset
+        )
+        if error is not None:
+            cursor.step = "select" if command == "select" else "command"
+            raise error
+        assert uids is not None
+        cursor.step = "command"
+        if search.above:
+            uids = [uid for uid in uids if uid > search.above]
         self.found[folder] = uids
         self._searching -= 1
         self._plan(folder, uids)
+
+
+def _search_and_fetch(
+    client: IMAPClient, folder: str, criteria: Criteria, first: range, fields: list[str | bytes]
+) -> tuple[list[int] | None, dict[int, dict[bytes, Any]] | None, Exception | None, str]:
+    assert isinstance(client, TrackingClient)
+    if not client.can_search_and_fetch(criteria, None):
+        return None, None, None, ""
+    return client.search_and_fetch(folder, criteria, first, fields)
+
+
+def _select_and_search(
+    client: IMAPClient, folder: str, readonly: bool, criteria: Criteria, charset: str | None
+) -> tuple[list[int] | None, Exception | None, str | None]:
+    assert isinstance(client, TrackingClient)
+    return client.select_and_search(folder, readonly, criteria, charset)
 
 
 # -- fetch_many ------------------------------------------------------------------------------
@@ -739,7 +880,20 @@ def fetch_many(
     EXAMINE each needs, and then reads the answers (IMAP lets a client pipeline commands;
     imapclient alone cannot): EXAMINE A, FETCH A, EXAMINE B, FETCH B cost one round trip, not
     four. Over a slow link that halves the round trips of a fetch, and more where folders
-    change often.
+    change often. ``"ALL"`` costs no search: the folder's first UID range is fetched with its
+    EXAMINE, and the rest planned from the UIDNEXT and EXISTS it returns, so it is as fast as
+    a UID list. Other criteria, where the server has SEARCHRES and ESEARCH (RFC 5182 and
+    4731: Dovecot has both, Gmail only ESEARCH), fetch the folder's first batch
+    with its search (EXAMINE, the search, the same search among UIDs 1 to *batch_size* saved
+    as ``$``, and ``UID FETCH $``, in one round trip); elsewhere they cost one round trip
+    (SELECT and UID SEARCH together) before the folder's first batches. With ``"ALL"`` the
+    totals in :attr:`FetchResults.progress` come from EXISTS: messages expunged meanwhile
+    are simply not returned.
+
+    **Parsed as they are read.** FETCH answers of the common shape (``UID``, ``FLAGS``,
+    ``BODY[]`` and other plain items, in any order) are parsed while imaplib reads them, each
+    literal taken once from its buffer; any other shape goes to imapclient's generic parser,
+    with the same result.
 
     **Memory is bounded** whatever the mailbox size: each task holds at most two fetched
     batches (one pipeline) and waits, without holding a connection, until the caller takes
@@ -812,9 +966,10 @@ def _fetch_pipelined(
     steps: list[tuple[str, Sequence[int]]],
     fields: list[str | bytes],
     reading: list[int],
+    fresh: frozenset[int],
 ) -> list[PipelinedFetch]:
     assert isinstance(client, TrackingClient)
-    return client.fetch_pipelined(steps, fields, reading)
+    return client.fetch_pipelined(steps, fields, reading, fresh)
 
 
 @asynccontextmanager
@@ -827,29 +982,59 @@ async def _fetch_many(
 ) -> AsyncIterator[FetchResults]:
     wanted = _data_keys(fields)
 
-    def delivery(work: _Work, fetched: dict[int, dict[bytes, Any]]) -> _Delivery:
-        messages = collections.deque(
-            (uid, data)
-            for uid in work.uids
-            if (data := fetched.pop(uid, None)) is not None and _has_data(data, wanted)
-        )
-        return _Delivery(work.folder, messages, len(work.uids) - len(messages))
+    def delivery(outcome: PipelinedFetch, work: _Work) -> _Delivery | PipelinedFetch:
+        if outcome.fetched is None:
+            return outcome
+        fetched: dict[int, dict[bytes, Any]] = outcome.fetched
+        if isinstance(work.uids, range):
+            # UIDs of a range that are not returned never existed: only those returned
+            # without their data are missing.
+            returned = sorted(uid for uid in fetched if uid in work.uids)
+            messages = collections.deque(
+                (uid, found) for uid in returned if _has_data(found := fetched[uid], wanted)
+            )
+            skipped = len(returned) - len(messages)
+        else:
+            messages = collections.deque(
+                (uid, data)
+                for uid in work.uids
+                if (data := fetched.pop(uid, None)) is not None and _has_data(data, wanted)
+            )
+            skipped = len(work.uids) - len(messages)
+        return _Delivery(work.folder, messages, skipped, outcome.examined)
 
     async def fetch_pipelined(
         conn: Connection, works: list[_Work], cursor: _Cursor
     ) -> list[_Delivery | PipelinedFetch]:
         steps = [(work.folder, work.uids) for work in works]
+        fresh = frozenset(index for index, work in enumerate(works) if work.probe)
         reading = [0]
         try:
-            outcomes = await conn.run_sync(_fetch_pipelined, steps, fields, reading)
+            outcomes = await conn.run_sync(_fetch_pipelined, steps, fields, reading, fresh)
         except Exception:
             cursor.work = works[reading[0]]
             cursor.step = "command"
             raise
-        return [
-            delivery(work, outcome.fetched) if outcome.fetched is not None else outcome
-            for work, outcome in zip(works, outcomes, strict=True)
-        ]
+        return [delivery(outcome, work) for work, outcome in zip(works, outcomes, strict=True)]
+
+    async def search_and_fetch(
+        conn: Connection, work: _Work, first: range, cursor: _Cursor
+    ) -> tuple[list[int], _Delivery] | None:
+        assert work.search is not None
+        criteria = work.search.criteria
+        found, fetched, error, command = await conn.run_sync(
+            _search_and_fetch, work.folder, criteria, first, fields
+        )
+        if error is not None:
+            cursor.step = "select" if command == "select" else "command"
+            raise error
+        if found is None:
+            return None  # the server cannot: search first
+        cursor.step = "command"
+        head = _Work(work.folder, [uid for uid in found if uid in first])
+        result = delivery(PipelinedFetch(fetched, None, None), head)
+        assert isinstance(result, _Delivery)
+        return found, result
 
     await trio.lowlevel.checkpoint()
     send, receive = trio.open_memory_channel[_Delivery](0)
@@ -863,6 +1048,7 @@ async def _fetch_many(
         run_batch=None,
         run_pipelined=fetch_pipelined,
         send=send,
+        run_search_fetch=search_and_fetch,
     )
     results = FetchResults(receive, fanout)
 

@@ -1369,7 +1369,15 @@ async def _warm_up(pool: Pool) -> None:
 
 async def _server_folders(
     pool: Pool,
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure]]:
+    namespace, listed, failures, _caps = await _list_server(pool)
+    return namespace, listed, failures
+
+
+async def _list_server(
+    pool: Pool,
 ) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
+    """The namespace, the folders and what the server offers for following changes."""
     async with pool.connection() as conn:
         return await conn.run_sync(_list_in_namespace)
 
@@ -1724,7 +1732,7 @@ async def _export(
 ) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
     """List, reconcile, fetch and write, then look for what did not come; the state is left
     to the caller."""
-    namespace, listed, failures, caps = await _server_folders(pool)
+    namespace, listed, failures, caps = await _list_server(pool)
     chosen, failures = _select(namespace, listed, failures, folders, exclude)
     try:
         prepared, more = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)

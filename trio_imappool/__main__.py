@@ -2,7 +2,9 @@
 
 Commands:
   export  copy the folders of an IMAP account into a local Maildir over N pooled
-          connections; run it again and it fetches only what it has not copied yet
+          connections; run it again and it fetches only what it has not copied yet and
+          follows the server's flag changes and deletions (one-way: local changes are
+          never sent to the server)
   demo    start a private Dovecot, seed a mailbox, export it, and show what the pool did
   folders list the account's folders with message counts and sizes, and what an export
           into MAILDIR would fetch (nothing is fetched or written)
@@ -11,7 +13,7 @@ Settings come from, first found wins: the command line; environment variables
 TRIO_IMAPPOOL_<SETTING> (HOST, PORT, USER, PASSWORD_COMMAND, TLS, CA_FILE, CONNECTIONS,
 MAILDIR, ...); the TOML file named by --config or TRIO_IMAPPOOL_CONFIG, with keys named
 like the long options (host, port, user, password_command, auth, tls = "implicit" |
-"starttls" | "plain", ca_file, connections, batch_size, fsync, folders = [...],
+"starttls" | "plain", ca_file, connections, batch_size, fsync, delete, folders = [...],
 exclude = [...], maildir); then the defaults.
 Without --config and TRIO_IMAPPOOL_CONFIG, export and folders read the default config file
 $XDG_CONFIG_HOME/trio-imappool/config.toml (~/.config/trio-imappool/config.toml when
@@ -149,6 +151,7 @@ _KEYS = {
         _Key("connections", int, DEFAULT_CONNECTIONS),
         _Key("batch_size", int, DEFAULT_BATCH_SIZE),
         _Key("fsync", bool, True),
+        _Key("delete", bool, False),
         _Key("maildir", str),
         _Key("folders", list, env=False),
         _Key("exclude", list, env=False),
@@ -483,6 +486,13 @@ def _parser() -> argparse.ArgumentParser:
         const=False,
         help="do not flush files to disk (still safe if killed, not on a power cut)",
     )
+    options.add_argument(
+        "--delete",
+        action="store_const",
+        const=True,
+        help="remove the local copies of messages gone from the server (default: keep them "
+        "and report how many)",
+    )
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = commands.add_parser(
@@ -493,7 +503,11 @@ def _parser() -> argparse.ArgumentParser:
         description=_wrap(
             "Copy the folders of an IMAP account into MAILDIR (Maildir++: INBOX at the top, "
             "other folders as .Folder.Sub), one file per message with its flags, over N "
-            "pooled connections. A second run fetches only the messages not exported yet; an "
+            "pooled connections. A second run fetches only the messages not exported yet and "
+            "follows the server: flags changed there are changed in the file names, and "
+            "messages gone from the server are reported (and removed with --delete). The "
+            "export is one-way: local changes (flags, deleted files) are never sent to the "
+            "server, and the next flag change on the server overwrites a local one. An "
             "interrupted run leaves no partial files. A folder whose UIDVALIDITY changed is "
             "exported again, its old files moved to MAILDIR/trio-imappool-replaced/."
         ),
@@ -648,13 +662,20 @@ def _print_result(
 ) -> None:
     folders = len(result.folders)
     total = sum(f.exported for f in result.folders)
-    if verbose:
-        for f in result.folders:
-            note = ""
-            if f.uidvalidity_changed:
-                note = f"  new UIDVALIDITY: {f.moved_aside} old files moved aside"
-            where = "cur/" if f.path == root else f"{f.path.name}/cur/"
-            print(f"  {f.name:<24} {f.fetched:6} new {f.exported:7} in {where}{note}", file=out)
+    for f in result.folders:
+        followed = f.flags_changed or f.gone or f.removed  # new mail alone: the summary
+        if not (verbose or followed):
+            continue
+        note = ""
+        if f.uidvalidity_changed:
+            note = f"  new UIDVALIDITY: {f.moved_aside} old files moved aside"
+        where = "cur/" if f.path == root else f"{f.path.name}/cur/"
+        print(
+            f"  {_printable(f.name):<24} {f.fetched:6} new {f.flags_changed:6} flags changed "
+            f"{f.gone:6} gone from the server {f.removed:6} removed locally "
+            f"{f.exported:7} in {where}{note}",
+            file=out,
+        )
     for f in result.folders:
         if f.uidvalidity_changed and not verbose:
             print(
@@ -671,10 +692,25 @@ def _print_result(
             f"{_n(stats.connections_opened, 'connection')}; {_n(total, 'message')} in {root}",
             file=out,
         )
-    else:
+    elif not (result.flags_changed or result.messages_gone or result.messages_removed):
         print(
             f"nothing new in {_n(folders, 'folder')} ({_n(total, 'message')} in {root}); "
             f"{result.elapsed:.2f} s",
+            file=out,
+        )
+    else:
+        print(f"no new messages in {_n(folders, 'folder')}; {result.elapsed:.2f} s", file=out)
+    if result.flags_changed or result.messages_gone or result.messages_removed:
+        print(
+            f"followed the server: flags changed on {_n(result.flags_changed, 'message')}, "
+            f"{_n(result.messages_gone, 'message')} gone from the server, "
+            f"{_n(result.messages_removed, 'file')} removed locally",
+            file=out,
+        )
+    if result.gone_kept:
+        print(
+            f"{_n(result.gone_kept, 'message')} gone from the server kept in {root} "
+            "(--delete removes them)",
             file=out,
         )
     if verbose:
@@ -712,6 +748,7 @@ async def _export(
                 max_connections=options["max_size"],
                 fsync=settings.get("fsync"),
                 progress=bar.update,
+                delete=bool(settings.get("delete")),
             )
         return result, pool.statistics()
     finally:
@@ -724,6 +761,8 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     if not maildir:
         raise UsageError("no destination: give MAILDIR (or maildir in the config file)")
     if settings.get("accounts"):  # many accounts, shared with other workers
+        if settings.get("delete"):
+            raise UsageError("--delete is not supported with --accounts (yet)")
         return _accounts.run_accounts(args, settings, out)
     root = Path(os.path.expanduser(maildir))
     options = settings.pool_options()

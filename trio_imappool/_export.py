@@ -1,11 +1,16 @@
 """Exporting an IMAP account to a local Maildir, over pooled connections, resumably.
 
 :func:`export_maildir` copies every message of the chosen folders into a Maildir, one file per
-message, and on later runs copies only what it has not copied yet::
+message, and on later runs copies only what it has not copied yet and follows the server's
+flag changes and deletions::
 
     async with trio_imappool.open_pool(host, username=u, password=p, max_size=8) as pool:
         result = await export_maildir(pool, "backup/Maildir")
-    print(result.messages_fetched, "new messages")
+    print(result.messages_fetched, "new messages", result.flags_changed, "flags changed")
+
+The export is **one-way**: it follows the server and never writes to it (folders are
+EXAMINEd, bodies fetched with ``BODY.PEEK[]``); a flag changed or a file deleted locally is not
+sent back, and the next flag change of that message on the server overwrites the local one.
 
 **Layout (Maildir++).** The destination is the Maildir of ``INBOX`` (``cur/``, ``new/``,
 ``tmp/``); every other folder is a subfolder ``.Name`` next to them, its hierarchy joined with
@@ -60,8 +65,38 @@ UIDVALIDITY is read once, at the start of a run: a folder deleted and created ag
 fetches from it may end that run with messages of both in its Maildir, named with the old
 UIDVALIDITY; the next run sees the new one and sorts them out as above.
 
-**Deleted messages.** The export never deletes: messages expunged on the server stay in the
-Maildir, and later flag changes on the server are not copied.
+**Following the server.** Every run brings the flags of the messages already exported up to
+date, before it fetches new ones, with as few round trips as the server allows:
+
+- The listing asks for each folder's ``HIGHESTMODSEQ`` too where the server has CONDSTORE (RFC
+  7162); the state file keeps it, with the UIDNEXT and message count of the run. A folder whose
+  UIDVALIDITY, HIGHESTMODSEQ, UIDNEXT and count are unchanged is not selected at all: with
+  LIST-STATUS, an unchanged account costs one round trip after the login.
+- With CONDSTORE, a changed folder is asked only for what changed: ``UID FETCH 1:* (FLAGS)
+  (CHANGEDSINCE m)``, with ``VANISHED`` added (after ``ENABLE QRESYNC``) where the server has
+  QRESYNC, which also names the messages expunged since. Without CONDSTORE (or on the first
+  run after an upgrade, or with a CONDSTORE server without QRESYNC whose counts show an
+  expunge) every message's flags are listed (``UID FETCH 1:* (FLAGS)``, no bodies) and
+  compared with the files; a message the listing lacks is gone, unless the listing is shorter
+  than the folder's count (then nothing is concluded). These commands are pipelined: one
+  connection asks about many folders in one round trip.
+- A message whose flags changed keeps its file, renamed to the new info letters (letters
+  other than ``DFRST``, a mail reader's keywords, are kept). ``rename(2)`` is atomic and the
+  state is written only at the end, so a run killed midway leaves every file under its old
+  name or its new one, and the next run asks again from the last saved modseq.
+- A message gone from the server keeps its file by default (a backup does not lose what it
+  had); it is counted in :attr:`FolderReport.gone` when first noticed, in
+  :attr:`FolderReport.gone_kept` on every run, and remembered in the state. With
+  ``delete=True`` the files of messages gone from the server are removed
+  (:attr:`FolderReport.removed`). ``\\Deleted`` on the server is the ``T`` letter, not a
+  deletion.
+
+Only responses that carry a UID count: other sessions' flag changes arrive without one and are
+never attributed to a message by their sequence number.
+
+**The state file** is versioned (``"format": 2``); a format 1 file (from before flags were
+followed) is upgraded on the first run, by one full FLAGS listing per folder and without
+fetching any message again.
 
 One export at a time per destination: a lock file (``trio-imappool.lock``, ``flock``) makes a
 second one fail at once with :class:`ExportError`.
@@ -93,6 +128,7 @@ from imapclient.response_parser import parse_response
 from ._config import check_wire_text
 from ._errors import PoolError, connection_survives
 from ._fanout import DEFAULT_BATCH_SIZE, FanOutError, fetch_many
+from ._sync_wire import FlagAnswer, FlagStep, fetch_flags
 
 if TYPE_CHECKING:
     from imapclient import IMAPClient
@@ -128,7 +164,7 @@ LOCK_NAME: Final = "trio-imappool.lock"
 #: Where the files of a folder whose UIDVALIDITY changed are moved to.
 REPLACED_DIR: Final = "trio-imappool-replaced"
 
-_STATE_FORMAT: Final = 1
+_STATE_FORMAT: Final = 2  # 1: before flags and deletions were followed (read and upgraded)
 _TMP_PREFIX: Final = "trio-imappool-"
 _NAME_TAG: Final = "trio-imappool"
 _NAME_RE: Final = re.compile(r"^(\d+)-(\d+)\.trio-imappool(?:,[^:]*)?(?::2,([^:]*))?$")
@@ -140,7 +176,7 @@ _FLAG_LETTERS: Final = {
     b"\\deleted": "T",
 }
 _FETCH_ITEMS: Final = ["BODY.PEEK[]", "FLAGS"]
-_STATUS_ITEMS: Final = "(MESSAGES UIDNEXT UIDVALIDITY)"
+_STATUS_ITEMS: Final = ("MESSAGES", "UIDNEXT", "UIDVALIDITY")
 # A UID range is fetched as it is (the server skips UIDs that do not exist) when it is at most
 # this many times the messages expected in it, plus the slack; otherwise the folder is searched.
 _DENSE_FACTOR: Final = 2
@@ -150,6 +186,8 @@ _MAX_CRITERIA_CHARS: Final = 20_000
 # the fetching threads need the GIL too, and on a 2-core machine 4 writers of 64 were slower.
 # Messages held for writing: a full channel plus a batch per writer (384 with these values).
 _WRITERS: Final = 2
+# Messages of full FLAGS listings per connection in a flag pass (see _flag_pass).
+_FLAGS_PER_CONNECTION: Final = 5_000
 _WRITE_BATCH: Final = 128
 
 
@@ -306,6 +344,7 @@ class ServerFolder:
     uidnext: int
     messages: int
     namespace: str = ""
+    highestmodseq: int = 0  # 0: the server has no CONDSTORE, or not for this folder
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -334,6 +373,8 @@ def _status_items(items: Sequence[Any]) -> dict[bytes, int]:
         if isinstance(key, bytes) and isinstance(value, int) and not isinstance(value, bool):
             found[key.upper()] = value
     lacking = [k.decode() for k in _STATUS_KEYS if k not in found]
+    if found.get(b"HIGHESTMODSEQ", 0) < 0:
+        raise ValueError("the server's STATUS answer has an impossible HIGHESTMODSEQ")
     if lacking:
         raise ValueError(f"the server's STATUS answer lacks {', '.join(lacking)} or garbles it")
     if found[b"UIDVALIDITY"] < 1 or found[b"UIDNEXT"] < 1 or found[b"MESSAGES"] < 0:
@@ -366,13 +407,28 @@ def _decode_raw_name(raw: object) -> tuple[str | None, str, str | None]:
     return name, name, None
 
 
-def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFailure]]:
-    """LIST and STATUS of every folder; one round trip where the server has LIST-STATUS (RFC
-    5819), else a STATUS per folder. Runs in a worker thread, on a checked-out connection.
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Capabilities:
+    """What the server offers for following changes (from the listing connection)."""
+
+    condstore: bool = False  # RFC 7162: HIGHESTMODSEQ, CHANGEDSINCE
+    qresync: bool = False  # RFC 7162: VANISHED (EARLIER)
+
+
+def _list_status(
+    client: IMAPClient,
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
+    """The personal namespace, and LIST and STATUS of every folder: one round trip where the
+    server has LIST-STATUS (RFC 5819; NAMESPACE pipelined with the LIST), else NAMESPACE,
+    LIST and a STATUS per folder. With CONDSTORE, HIGHESTMODSEQ is asked for too. Runs in a
+    worker thread, on a checked-out connection.
 
     A folder whose name or status cannot be used is a :class:`FolderFailure`, not an error of
     the run; a NO or BAD for one folder's STATUS too. Errors that end the session are raised.
     """
+    condstore = bool(client.has_capability("CONDSTORE"))
+    caps = _Capabilities(condstore, condstore and bool(client.has_capability("QRESYNC")))
+    wanted = [*_STATUS_ITEMS, "HIGHESTMODSEQ"] if condstore else list(_STATUS_ITEMS)
     status: dict[bytes, Any] = {}
     encode = client.folder_encode
     client.folder_encode = False  # the names as the server sent them, to check them here
@@ -381,9 +437,10 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
             # imapclient has no LIST-STATUS; imaplib's plumbing does it, as imapclient's own
             # list_folders() does for LIST.
             imap = client._imap
-            typ, data = imap._simple_command(
-                "LIST", '""', '"*"', "RETURN", f"(STATUS {_STATUS_ITEMS})"
-            )
+            asked = imap._command("NAMESPACE") if client.has_capability("NAMESPACE") else None
+            tag = imap._command("LIST", '""', '"*"', "RETURN", f"(STATUS ({' '.join(wanted)}))")
+            namespace = _namespace_answer(client, asked)
+            typ, data = imap._command_complete("LIST", tag)
             client._checkok("list", typ, data)
             _, lists = imap._untagged_response(typ, data, "LIST")
             _, statuses = imap._untagged_response(typ, [None], "STATUS")
@@ -394,6 +451,9 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
                     key = found[i]
                     status[str(key).encode() if isinstance(key, int) else bytes(key)] = found[i + 1]
         else:
+            client.folder_encode = encode
+            namespace = _personal_namespace(client)
+            client.folder_encode = False
             listed = client.list_folders()
     finally:
         client.folder_encode = encode
@@ -415,7 +475,7 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
         try:
             items = status.get(key)
             if items is None:
-                answer = client.folder_status(name, ["MESSAGES", "UIDNEXT", "UIDVALIDITY"])
+                answer = client.folder_status(name, wanted)
                 items = [part for pair in answer.items() for part in pair]
             numbers = _status_items(items)
         except imaplib.IMAP4.abort:
@@ -434,9 +494,10 @@ def _list_status(client: IMAPClient) -> tuple[list[ServerFolder], list[FolderFai
                 uidvalidity=numbers[b"UIDVALIDITY"],
                 uidnext=numbers[b"UIDNEXT"],
                 messages=numbers[b"MESSAGES"],
+                highestmodseq=numbers.get(b"HIGHESTMODSEQ", 0) if condstore else 0,
             )
         )
-    return folders, failures
+    return namespace, folders, failures, caps
 
 
 def _one_line(exc: BaseException) -> str:
@@ -450,18 +511,40 @@ def _one_line(exc: BaseException) -> str:
 class FolderState:
     """What ``trio-imappool.json`` of a folder says.
 
+    The file is versioned (``"format"``): format 1 (before flags and deletions were followed)
+    is read as format 2 with no modseq, nothing gone and the counts unknown, so the first run
+    after an upgrade compares every message's flags once (FLAGS only, no bodies) and then
+    goes on from there.
+
     Attributes:
         folder: The folder's name on the server.
         uidvalidity: The UIDVALIDITY the files were exported with.
-        uids: The UIDs exported (each one's file is in ``cur/`` or ``new/``).
+        uids: The UIDs exported and, as far as known, still on the server (each one's file is
+            in ``cur/`` or ``new/``).
         synced_below: Every message with a smaller UID was exported (the folder's UIDNEXT at
             the last complete run); 0 if unknown.
+        gone: UIDs whose messages are gone from the server and whose files are kept.
+        highestmodseq: The folder's HIGHESTMODSEQ (CONDSTORE) at the start of the last run
+            whose flag pass completed: every flag change up to it is in the file names. 0 if
+            unknown (the next run compares every message's flags).
+        uidnext: The folder's UIDNEXT at the start of that run (0 if unknown).
+        messages: Its message count then (-1 if unknown).
+        listing: ``(cur, new, at)``: the modification times (ns) of ``cur/`` and ``new/``
+            when a run last listed them, and when (``time.time_ns()``). While both are
+            unchanged (and were at least two seconds old then: file times are coarse), no file
+            was added, renamed or removed, so a run takes :attr:`uids` and :attr:`gone` as the
+            files there without listing them. ``(0, 0, 0)``: list them.
     """
 
     folder: str
     uidvalidity: int
     uids: frozenset[int]
     synced_below: int
+    gone: frozenset[int] = frozenset()
+    highestmodseq: int = 0
+    uidnext: int = 0
+    messages: int = -1
+    listing: tuple[int, int, int] = (0, 0, 0)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -470,7 +553,12 @@ class FolderState:
                 "folder": self.folder,
                 "uidvalidity": self.uidvalidity,
                 "synced_below": self.synced_below,
+                "highestmodseq": self.highestmodseq,
+                "uidnext": self.uidnext,
+                "messages": self.messages,
                 "uids": _uid_ranges(sorted(self.uids)),
+                "gone": _uid_ranges(sorted(self.gone)),
+                "listing": list(self.listing),
             },
             ensure_ascii=False,
         )
@@ -497,17 +585,49 @@ def _parse_ranges(text: str) -> set[int]:
     return uids
 
 
+def _listing(raw: object) -> tuple[int, int, int]:
+    if isinstance(raw, list) and len(raw) == 3 and all(type(x) is int for x in raw):
+        return (raw[0], raw[1], raw[2])
+    return (0, 0, 0)
+
+
+_LISTING_AGE_NS: Final = 2_000_000_000  # how old the directories' times must be to be trusted
+
+
+def _dir_times(path: Path) -> tuple[int, int]:
+    return os.stat(path / "cur").st_mtime_ns, os.stat(path / "new").st_mtime_ns
+
+
+def _listing_holds(listing: tuple[int, int, int], times: tuple[int, int]) -> bool:
+    """Whether the directories are as a run listed them (see :attr:`FolderState.listing`)."""
+    cur, new, at = listing
+    return at > 0 and (cur, new) == times and max(times) < at - _LISTING_AGE_NS
+
+
 def read_folder_state(path: str | os.PathLike[str]) -> FolderState | None:
-    """The state of the folder directory *path*, or None if there is none or it is unreadable."""
+    """The state of the folder directory *path*, or None if there is none, it is unreadable,
+    or of a format this version does not know. A format 1 state is upgraded (see
+    :class:`FolderState`); it is written in format 2 at the end of the next run."""
     try:
         raw = json.loads((Path(path) / STATE_NAME).read_text("utf-8"))
-        if raw.get("format") != _STATE_FORMAT:
+        version = raw.get("format")
+        if version not in (1, _STATE_FORMAT):
             return None
-        return FolderState(
+        state = FolderState(
             folder=str(raw["folder"]),
             uidvalidity=int(raw["uidvalidity"]),
             uids=frozenset(_parse_ranges(str(raw["uids"]))),
             synced_below=int(raw["synced_below"]),
+        )
+        if version == 1:
+            return state
+        return dataclasses.replace(
+            state,
+            gone=frozenset(_parse_ranges(str(raw["gone"]))),
+            highestmodseq=max(0, int(raw["highestmodseq"])),
+            uidnext=max(0, int(raw["uidnext"])),
+            messages=max(-1, int(raw["messages"])),
+            listing=_listing(raw.get("listing")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -558,23 +678,52 @@ class _Folder:
     whole: bool = False  # asked for with "ALL" only (a first export of the folder)
     missing: list[int] = dataclasses.field(default_factory=list)  # asked for, not returned
     failure: str | None = None  # why the folder could not be exported
+    # Following the server (flags and deletions):
+    # UID -> (subdirectory, name); None until listed (unchanged directories are not listed).
+    files: dict[int, tuple[str, str]] | None = None
+    gone: set[int] = dataclasses.field(default_factory=set)  # gone from the server, file kept
+    modseq: int = 0  # the trusted HIGHESTMODSEQ of the last run (0: compare every message)
+    last_counts: tuple[int, int] = (0, -1)  # (UIDNEXT, MESSAGES) at the last run, if trusted
+    step: FlagStep | None = None  # this run's flag pass, if it needs one
+    flags_synced: bool = False  # every flag change up to server.highestmodseq is applied
+    flags_changed: int = 0
+    gone_new: int = 0  # noticed gone in this run
+    removed: int = 0  # files of gone messages removed in this run
 
     @property
     def cur(self) -> Path:
         return self.path / "cur"
 
+    def listed(self) -> dict[int, tuple[str, str]]:
+        """This UIDVALIDITY's files, listed now if they were not. Synchronous."""
+        if self.files is None:
+            uidvalidity = self.server.uidvalidity
+            found = _scan(self.path).items()
+            self.files = {uid: file for (uv, uid), file in found if uv == uidvalidity}
+        return self.files
+
     @property
     def tmp(self) -> Path:
         return self.path / "tmp"
 
-    def state(self) -> FolderState:
+    def state(self, listing: tuple[int, int, int] = (0, 0, 0)) -> FolderState:
         """The state after the run: every message below the UIDNEXT listed is here, or below
-        the first message the server did not return (so that the next run asks again)."""
+        the first message the server did not return (so that the next run asks again); the
+        flags are those of the HIGHESTMODSEQ listed if the flag pass completed."""
+        synced = self.flags_synced
+        uidnext, messages = (
+            (self.server.uidnext, self.server.messages) if synced else self.last_counts
+        )
         return FolderState(
             folder=self.server.name,
             uidvalidity=self.server.uidvalidity,
-            uids=frozenset(self.exported),
+            uids=frozenset(self.exported - self.gone),
             synced_below=min(self.missing, default=self.server.uidnext),
+            gone=frozenset(self.gone),
+            highestmodseq=self.server.highestmodseq if synced else self.modseq,
+            uidnext=uidnext,
+            messages=messages,
+            listing=listing,
         )
 
 
@@ -583,15 +732,22 @@ def _make_maildir(path: Path) -> None:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _scan(path: Path) -> dict[tuple[int, int], Path]:
-    """Our message files in ``cur/`` and ``new/``: (uidvalidity, uid) -> path."""
-    found: dict[tuple[int, int], Path] = {}
+def _scan(path: Path) -> dict[tuple[int, int], tuple[str, str]]:
+    """Our message files in ``cur/`` and ``new/``: (uidvalidity, uid) -> (subdirectory, name).
+
+    Plain strings, not paths: a run that finds nothing changed still lists every file, and
+    making 20,000 ``Path`` objects cost more than the rest of such a run."""
+    found: dict[tuple[int, int], tuple[str, str]] = {}
+    match = _NAME_RE.match
     for sub in ("cur", "new"):
         with os.scandir(path / sub) as entries:
             for entry in entries:
-                key = parse_message_filename(entry.name)
-                if key is not None and key not in found:
-                    found[key] = path / sub / entry.name
+                parsed = match(entry.name)
+                if parsed is None:
+                    continue
+                key = int(parsed.group(1)), int(parsed.group(2))
+                if key not in found:
+                    found[key] = (sub, entry.name)
     return found
 
 
@@ -716,25 +872,49 @@ def _prepare_one(root: Path, server: ServerFolder, path: Path) -> _Folder:
     _make_maildir(path)
     _clean_tmp(path)
     state = read_folder_state(path)
-    files = _scan(path)
     # Files of another server folder (the state names it): never counted as this one's.
     foreign = state is not None and not _same_folder(state.folder, server.name)
+    if (
+        state is not None
+        and not foreign
+        and state.uidvalidity == server.uidvalidity
+        and state.synced_below <= server.uidnext
+        and _listing_holds(state.listing, _dir_times(path))
+    ):
+        # Nothing was added, renamed or removed since the last run listed the files.
+        exported = set(state.uids | state.gone)
+        folder = _Folder(server, path, exported, state.synced_below, state)
+        folder.gone = set(state.gone)
+        folder.modseq = state.highestmodseq
+        folder.last_counts = (state.uidnext, state.messages)
+        _plan(folder)
+        return folder
+    files = _scan(path)
     stale = {k: f for k, f in files.items() if foreign or k[0] != server.uidvalidity}
-    for (uidvalidity, _uid), file in sorted(stale.items()):
+    for (uidvalidity, _uid), (sub, name) in sorted(stale.items()):
         aside = _replaced_dir(root, path, uidvalidity)
         _make_maildir(aside)
-        os.rename(file, aside / file.parent.name / file.name)
-    exported = {uid for key in files if key not in stale for uid in key[1:]}
+        os.rename(path / sub / name, aside / sub / name)
+    mine = {key[1]: file for key, file in files.items() if key not in stale}
+    exported = set(mine)
     synced_below = 0
-    if (
+    trusted = (
         state is not None
         and not foreign
         and state.uidvalidity == server.uidvalidity
         and state.uids <= exported
         and state.synced_below <= server.uidnext
-    ):
+    )
+    if trusted:
+        assert state is not None
         synced_below = state.synced_below
     folder = _Folder(server, path, exported, synced_below, state, moved_aside=len(stale))
+    folder.files = mine
+    if trusted:
+        assert state is not None
+        folder.gone = set(state.gone & exported)
+        folder.modseq = state.highestmodseq
+        folder.last_counts = (state.uidnext, state.messages)
     folder.uidvalidity_changed = bool(stale) or (
         state is not None and not foreign and state.uidvalidity != server.uidvalidity
     )
@@ -823,6 +1003,200 @@ def _open_tmp(folder: _Folder) -> tuple[int, str | None]:
 _tmp_numbers = itertools.count()
 
 
+# -- following the server: flags and deletions ---------------------------------------------------
+
+
+def _flag_step(folder: _Folder, caps: _Capabilities) -> FlagStep | None:
+    """What the flag pass must ask the server about *folder*, or None if nothing can have
+    changed for the messages it has. Synchronous, pure.
+
+    Without CONDSTORE (or without a modseq from the last run) every message's flags are
+    listed, which also says which UIDs still exist. With CONDSTORE and an unchanged
+    HIGHESTMODSEQ nothing is asked, unless the counts say that messages were expunged (a
+    server without QRESYNC need not change the modseq then); otherwise only the messages
+    changed since the last run's modseq, and with QRESYNC the UIDs expunged since then.
+    """
+    server = folder.server
+    if not folder.exported - folder.gone:
+        return None  # nothing here whose flags could change (a first export, say)
+    modseq = server.highestmodseq
+    if not caps.condstore or modseq == 0 or folder.modseq == 0 or modseq < folder.modseq:
+        return FlagStep(server.name)
+    uidnext, messages = folder.last_counts
+    # Messages now = before + appended - expunged, and at most UIDNEXT's growth was appended:
+    # equality leaves no room for an expunge.
+    only_appended = (
+        messages >= 0 and uidnext > 0 and server.messages == messages + server.uidnext - uidnext
+    )
+    if modseq == folder.modseq and only_appended:
+        return None
+    if caps.qresync:
+        return FlagStep(server.name, since=folder.modseq, vanished=True)
+    if not only_appended:
+        return FlagStep(server.name)  # expunges, and no VANISHED: compare the UID sets
+    return FlagStep(server.name, since=folder.modseq)
+
+
+def _plan_flags(folders: Sequence[_Folder], caps: _Capabilities) -> None:
+    """Decide each folder's flag pass (``step``); settle the ones that need none."""
+    for folder in folders:
+        if folder.failure is not None:
+            continue
+        folder.step = _flag_step(folder, caps)
+        if folder.step is None:
+            folder.flags_synced = True
+
+
+def _new_info(info: str, letters: str) -> str:
+    """The info letters of a file after the server's flags are applied: ours (DFRST) as the
+    server says, any others (a mail reader's keywords) kept; in ASCII order."""
+    kept = {c for c in info if c not in "DFRST"}
+    return "".join(sorted(kept | set(letters)))
+
+
+def _rename_for_flags(folder: _Folder, flags: dict[int, tuple[bytes, ...]], fsync: bool) -> int:
+    """Rename the files whose flags differ from the server's; the number renamed.
+
+    Each file is renamed in its own directory (``rename(2)``: atomic, so a crash leaves it
+    under its old name or its new one, never lost); the directories are flushed after.
+    Synchronous.
+    """
+    changed = 0
+    dirs: set[str] = set()
+    files = folder.listed()
+    for uid, server_flags in flags.items():
+        file = files.get(uid)
+        if file is None or uid in folder.gone:
+            continue  # a new message of this run, or one not exported yet
+        sub, name = file
+        base, sep, info = name.partition(":2,")
+        new_info = _new_info(info, maildir_flags(server_flags))
+        if sep and new_info == info:
+            continue
+        new = f"{base}:2,{new_info}"
+        directory = f"{folder.path}/{sub}"
+        try:
+            os.rename(f"{directory}/{name}", f"{directory}/{new}")
+        except FileNotFoundError:
+            continue  # moved or removed meanwhile (by a mail reader)
+        files[uid] = (sub, new)
+        changed += 1
+        dirs.add(directory)
+    if fsync:
+        for directory in dirs:
+            _fsync_dir(Path(directory))
+    return changed
+
+
+def _apply_answers(group: Sequence[_Folder], answers: Sequence[FlagAnswer], fsync: bool) -> None:
+    """Apply a flag pass's answers to the folders' files (renames) and gone sets.
+    Synchronous (a worker thread)."""
+    for folder, answer in zip(group, answers, strict=True):
+        step = folder.step
+        if answer.error is not None or step is None:
+            continue
+        known = folder.exported - folder.gone
+        trusted = True
+        if step.since is None:
+            # A full listing: what it does not name is gone, unless the server left messages
+            # out of its answer (fewer than EXAMINE counted); then nothing is concluded.
+            if answer.exists is not None and len(answer.flags) >= answer.exists:
+                newly = known - answer.flags.keys()
+            else:
+                newly, trusted = set(), False
+        else:
+            newly = answer.vanished & known
+        folder.gone |= newly
+        folder.gone_new += len(newly)
+        folder.flags_changed += _rename_for_flags(folder, answer.flags, fsync)
+        folder.flags_synced = trusted
+
+
+def _remove_gone(folders: Sequence[_Folder], fsync: bool) -> None:
+    """``delete=True``: remove the files of messages gone from the server. Synchronous."""
+    for folder in folders:
+        if folder.failure is not None or not folder.gone:
+            continue
+        dirs: set[Path] = set()
+        files = folder.listed()
+        for uid in sorted(folder.gone):
+            file = files.pop(uid, None)
+            if file is not None:
+                sub, name = file
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder.path / sub / name)
+                    folder.removed += 1
+                dirs.add(folder.path / sub)
+            folder.exported.discard(uid)
+        folder.gone.clear()
+        if fsync:
+            for directory in dirs:
+                _fsync_dir(directory)
+
+
+async def _flag_pass(
+    pool: Pool,
+    folders: Sequence[_Folder],
+    caps: _Capabilities,
+    max_connections: int | None,
+    fsync: bool,
+) -> None:
+    """Ask the server about the folders with a ``step``, spread over up to *max_connections*
+    connections (each asks about its folders in one round trip), and apply the answers.
+
+    A NO or BAD for a folder fails that folder; an error that ends a session is raised.
+    """
+    todo = [f for f in folders if f.step is not None and f.failure is None]
+    if not todo:
+        return
+    # Opening a connection costs round trips; a pipelined flag pass costs one. So the answers
+    # share the connection the listing used, and only long full listings (parsing them is
+    # the cost) are spread over more.
+    size = pool.config.max_size
+    listed = sum(f.server.messages for f in todo if f.step is not None and f.step.since is None)
+    wanted = 1 + listed // _FLAGS_PER_CONNECTION
+    count = min(max_connections or size, size, len(todo), wanted)
+    groups: list[list[_Folder]] = [[] for _ in range(count)]
+    loads = [0] * count
+
+    def weight(folder: _Folder) -> int:
+        step = folder.step
+        return 1 + (folder.server.messages if step is not None and step.since is None else 0)
+
+    for folder in sorted(todo, key=weight, reverse=True):
+        least = loads.index(min(loads))
+        groups[least].append(folder)
+        loads[least] += weight(folder)
+    fatal: list[BaseException] = []
+
+    async def one(group: list[_Folder]) -> None:
+        steps = [f.step for f in group if f.step is not None]
+        try:
+            async with pool.connection() as conn:
+                answers = await conn.run_sync(fetch_flags, steps, caps.qresync)
+        except Exception as exc:
+            fatal.append(exc)
+            nursery.cancel_scope.cancel()
+            return
+        for folder, answer in zip(group, answers, strict=True):
+            if answer.error is not None:
+                folder.failure = f"flag sync failed: {_one_line(answer.error)}"
+        try:
+            await trio.to_thread.run_sync(_apply_answers, group, answers, fsync)
+        except OSError as exc:
+            error = ExportError(f"cannot rename the files of a flag change: {exc}")
+            error.__cause__ = exc
+            fatal.append(error)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for group in groups:
+            if group:
+                nursery.start_soon(one, group)
+    if fatal:
+        raise fatal[0]
+
+
 # -- results -------------------------------------------------------------------------------------
 
 
@@ -865,6 +1239,13 @@ class FolderReport:
         moved_aside: Files of an older UIDVALIDITY moved to ``trio-imappool-replaced/``.
         missing: Messages the server listed but did not return in this run (left out of the
             FETCH answer, or ``BODY[] NIL``): not exported, asked for again by the next run.
+        flags_changed: Files renamed in this run because the message's flags changed on the
+            server.
+        gone: Messages found gone from the server in this run (expunged there).
+        gone_kept: Files of messages gone from the server that are kept (all of them, found
+            in this run or before; none with ``delete=True``).
+        removed: Files removed in this run because their messages are gone from the server
+            (``delete=True`` only).
     """
 
     name: str
@@ -877,6 +1258,10 @@ class FolderReport:
     uidvalidity_changed: bool
     moved_aside: int
     missing: int = 0
+    flags_changed: int = 0
+    gone: int = 0
+    gone_kept: int = 0
+    removed: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -913,6 +1298,26 @@ class ExportResult:
     def complete(self) -> bool:
         """Every folder was exported and every message the server listed is in the Maildir."""
         return not self.folders_failed and not self.messages_missing
+
+    @property
+    def flags_changed(self) -> int:
+        """Files renamed for a flag change on the server, in all folders."""
+        return sum(f.flags_changed for f in self.folders)
+
+    @property
+    def messages_gone(self) -> int:
+        """Messages found gone from the server in this run, in all folders."""
+        return sum(f.gone for f in self.folders)
+
+    @property
+    def gone_kept(self) -> int:
+        """Files kept of messages gone from the server, in all folders."""
+        return sum(f.gone_kept for f in self.folders)
+
+    @property
+    def messages_removed(self) -> int:
+        """Files removed because their messages are gone from the server (``delete=True``)."""
+        return sum(f.removed for f in self.folders)
 
     @property
     def messages_per_second(self) -> float:
@@ -965,6 +1370,14 @@ async def _warm_up(pool: Pool) -> None:
 async def _server_folders(
     pool: Pool,
 ) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure]]:
+    namespace, listed, failures, _caps = await _list_server(pool)
+    return namespace, listed, failures
+
+
+async def _list_server(
+    pool: Pool,
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
+    """The namespace, the folders and what the server offers for following changes."""
     async with pool.connection() as conn:
         return await conn.run_sync(_list_in_namespace)
 
@@ -1162,14 +1575,19 @@ async def export_maildir(
     max_connections: int | None = None,
     fsync: bool = True,
     progress: Callable[[ExportProgress], object] | None = None,
+    delete: bool = False,
 ) -> ExportResult:
-    """Export folders of the pool's account to a Maildir, fetching only what is missing.
+    """Export folders of the pool's account to a Maildir, fetching only what is missing and
+    following the server's flag changes and deletions (one-way).
 
     The folders are listed with their status (one ``LIST ... RETURN (STATUS ...)`` where the
-    server has LIST-STATUS), compared with the files in the Maildir, and the missing messages
-    fetched with :func:`~trio_imappool.fetch_many` over up to *max_connections* pooled
-    connections, while worker threads write them (see the module's documentation for the
-    layout, the file names and what happens on a crash or a new UIDVALIDITY). On a first
+    server has LIST-STATUS, with ``HIGHESTMODSEQ`` where it has CONDSTORE), compared with the
+    files and state in the Maildir; the folders that changed since the last run get a flag
+    pass (flags only, pipelined; see "Following the server" in the module's documentation),
+    unchanged ones are not selected, and the missing messages are fetched with
+    :func:`~trio_imappool.fetch_many` over up to *max_connections* pooled connections, while
+    worker threads write them (see the module's documentation for the layout, the file names
+    and what happens on a crash or a new UIDVALIDITY). On a first
     export (no state file in *destination* yet) the other connections are opened while the
     folders are listed, instead of when the fetching starts.
 
@@ -1196,6 +1614,9 @@ async def export_maildir(
             Without it an export is still safe against a killed process, not a power cut.
         progress: Called (synchronously, from the Trio thread) with an
             :class:`ExportProgress` after every batch of files written.
+        delete: Remove the files of messages gone from the server (those noticed in this run
+            and those kept by earlier runs). By default they are kept and counted
+            (:attr:`FolderReport.gone`, :attr:`FolderReport.gone_kept`).
 
     Returns:
         An :class:`ExportResult`; :attr:`ExportResult.complete` is False when a folder failed
@@ -1211,13 +1632,20 @@ async def export_maildir(
         FanOutError: A FETCH failed in a way that ends the session (the original,
             imapclient's or the pool's, is ``__cause__``). Every message written before
             stays, and the next run goes on.
+        imapclient.exceptions.IMAPClientError, OSError: The flag pass failed in a way that
+            ends the session (EOF, timeout, a garbled answer; as imapclient raises it). Every
+            file renamed before stays renamed; the next run asks again.
         ConnectError, PoolTimeout: As from :meth:`Pool.connection` for the listing.
 
     Errors come out as they were raised, never wrapped in an exception group.
 
     **Cancellation**: a checkpoint. A cancellation interrupts the commands in flight, lets the
-    files being written land in ``cur/`` (a worker thread finishes its batch), and saves no
-    state; every file in ``cur/`` is a whole message, and the next run fetches the rest.
+    files being written land in ``cur/`` (a worker thread finishes its batch, or its renames),
+    and saves no state; every file in ``cur/`` is a whole message under its old name or its
+    new one, and the next run fetches the rest and asks for the flag changes again.
+
+    Connections used for a flag pass on a server with QRESYNC keep it enabled (RFC 7162): the
+    server reports expunges on them as ``VANISHED`` instead of ``EXPUNGE`` from then on.
     """
     await trio.lowlevel.checkpoint()
     for pattern in [*(folders or ()), *exclude]:
@@ -1238,7 +1666,15 @@ async def export_maildir(
                 warming.start_soon(_warm_up, pool)
             try:
                 prepared, run, failures = await _export(
-                    pool, root, folders, exclude, batch_size, max_connections, fsync, progress
+                    pool,
+                    root,
+                    folders,
+                    exclude,
+                    batch_size,
+                    max_connections,
+                    fsync,
+                    progress,
+                    delete,
                 )
             except BaseException as exc:
                 # Kept out of the nursery, so that it is not wrapped in an exception group.
@@ -1266,6 +1702,10 @@ async def export_maildir(
                 uidvalidity_changed=f.uidvalidity_changed,
                 moved_aside=f.moved_aside,
                 missing=len(f.missing),
+                flags_changed=f.flags_changed,
+                gone=f.gone_new,
+                gone_kept=len(f.gone),
+                removed=f.removed,
             )
             for f in done
         ),
@@ -1288,16 +1728,25 @@ async def _export(
     max_connections: int | None,
     fsync: bool,
     progress: Callable[[ExportProgress], object] | None,
+    delete: bool,
 ) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
     """List, reconcile, fetch and write, then look for what did not come; the state is left
     to the caller."""
-    namespace, listed, failures = await _server_folders(pool)
+    namespace, listed, failures, caps = await _list_server(pool)
     chosen, failures = _select(namespace, listed, failures, folders, exclude)
     try:
         prepared, more = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)
     except OSError as exc:
         raise ExportError(f"cannot prepare the Maildir {root}: {exc}") from exc
     failures += more
+    # Flags and deletions first (no bodies: one round trip per connection), then new mail.
+    _plan_flags(prepared, caps)
+    await _flag_pass(pool, prepared, caps, max_connections, fsync)
+    if delete:
+        try:
+            await trio.to_thread.run_sync(_remove_gone, prepared, fsync)
+        except OSError as exc:
+            raise ExportError(f"cannot remove a message gone from the server: {exc}") from exc
     run = _Run(prepared, fsync, progress)
     for _round in range(len(prepared) + 1):  # each further round follows a failed folder
         batch = run.plan()
@@ -1327,8 +1776,17 @@ async def _export(
 
 def _save_states(folders: Sequence[_Folder], fsync: bool) -> None:
     for folder in folders:
-        state = folder.state()
-        if state != folder.old_state:
+        times = _dir_times(folder.path)
+        listing = (*times, time.time_ns())
+        old = folder.old_state
+        if (
+            old is not None
+            and old.listing[:2] == times
+            and (_listing_holds(old.listing, times) or not _listing_holds(listing, times))
+        ):
+            listing = old.listing  # the same directories: no reason to write the state
+        state = folder.state(listing)
+        if state != old:
             _write_state(folder.path, state, fsync)
 
 
@@ -1344,6 +1802,29 @@ class _Namespace:
     delimiter: str | None = None
 
 
+def _namespace_answer(client: IMAPClient, tag: Any) -> _Namespace:
+    """:func:`_personal_namespace` from the answer to a NAMESPACE command sent (pipelined)
+    with tag *tag* (None: not sent). Runs in a worker thread."""
+    if tag is None:
+        return _Namespace()
+    imap = client._imap
+    try:
+        typ, data = imap._command_complete("NAMESPACE", tag)
+        if typ != "OK":
+            return _Namespace()
+        _, answer = imap._untagged_response(typ, data, "NAMESPACE")
+        personal = parse_response([line for line in answer if line is not None])[0]
+        prefix, delimiter = personal[0] if personal else (b"", None)
+        prefix = imap_utf7.decode(prefix)
+        if isinstance(delimiter, bytes):
+            delimiter = delimiter.decode("utf-8", "replace")
+    except imaplib.IMAP4.abort:
+        raise
+    except (imaplib.IMAP4.error, ValueError, TypeError, IndexError, AttributeError):
+        return _Namespace()
+    return _namespace_of(prefix, delimiter)
+
+
 def _personal_namespace(client: IMAPClient) -> _Namespace:
     """The first personal namespace of NAMESPACE (RFC 2342), the one a client creates folders
     in. No prefix where the server has no NAMESPACE, answers NO or BAD, or sends something
@@ -1357,6 +1838,11 @@ def _personal_namespace(client: IMAPClient) -> _Namespace:
         raise
     except (imaplib.IMAP4.error, ValueError, TypeError, IndexError, AttributeError):
         return _Namespace()
+    return _namespace_of(prefix, delimiter)
+
+
+def _namespace_of(prefix: object, delimiter: object) -> _Namespace:
+    """A personal namespace's prefix and delimiter, checked; no prefix if unusable."""
     if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\0"):
         return _Namespace()
     if not isinstance(delimiter, str) or len(delimiter) != 1:
@@ -1368,14 +1854,13 @@ def _personal_namespace(client: IMAPClient) -> _Namespace:
 
 def _list_in_namespace(
     client: IMAPClient,
-) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure]]:
-    """:func:`_list_status`, each folder with the personal namespace's prefix (one more round
-    trip: NAMESPACE). Runs in a worker thread."""
-    namespace = _personal_namespace(client)
-    listed, failures = _list_status(client)
+) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
+    """:func:`_list_status`, each folder with the personal namespace's prefix (NAMESPACE is
+    pipelined with LIST-STATUS: no round trip more). Runs in a worker thread."""
+    namespace, listed, failures, caps = _list_status(client)
     if namespace.prefix:
         listed = [dataclasses.replace(f, namespace=namespace.prefix) for f in listed]
-    return namespace, listed, failures
+    return namespace, listed, failures, caps
 
 
 def _relative_name(folder: str, prefix: str) -> str:

@@ -496,3 +496,60 @@ async def test_a_folder_name_with_a_line_break_is_refused_before_anything_is_sen
             async with pool.connection() as conn:
                 assert conn.number == first  # kept: the refusal came before the wire
     assert not any("Injected" in name for name in folders), folders
+
+
+async def test_a_server_trickling_after_starttls_keeps_no_thread() -> None:
+    """STARTTLS replaces the connection's socket in the middle of the open: the new one must be
+    the one the pool shuts down when it gives up."""
+    import ssl
+
+    import trustme
+
+    from trio_imappool import ConnectError
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] ready\r\n")
+        received = b""
+        while b"\r\n" not in received:
+            received += await stream.receive_some()
+        await stream.send_all(received.split()[0] + b" OK begin TLS\r\n")
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await tls.do_handshake()
+            for _ in range(200):  # the CAPABILITY answer, a byte every 0.1 s
+                await tls.send_all(b"*")
+                await trio.sleep(0.1)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, handler, 0)
+            port = listeners[0].socket.getsockname()[1]
+            start = trio.current_time()
+            async with open_pool(
+                "127.0.0.1",
+                port,
+                ssl=False,
+                starttls=True,
+                ssl_context=client_context,
+                username="u",
+                password="p",
+                max_size=1,
+                connect_timeout=0.5,
+                login_timeout=0.5,
+            ) as pool:
+                with pytest.raises((PoolTimeout, ConnectError)):
+                    async with pool.connection(timeout=2):
+                        pass
+            took = trio.current_time() - start
+            # (An abandoned worker no longer counts in trio's active_thread_count: look at
+            # the threads themselves; trio names a busy worker after its function's caller.)
+            opening = [t.name for t in threading.enumerate() if "Pool._open" in t.name]
+            assert not opening, f"the open's thread is still reading: {opening}"
+            nursery.cancel_scope.cancel()
+    assert took < 5, took

@@ -82,6 +82,11 @@ class _GreetingCapabilities:
     capabilities: tuple[str, ...]
 
     def _get_capabilities(self) -> None:
+        # Asked after the greeting and after STARTTLS, which replaced the socket (the old
+        # object is detached): show the pool the socket the answer will be read from.
+        show = getattr(self, "_show", None)
+        if show is not None:
+            show(self.sock)  # type: ignore[attr-defined]
         if not self._greeted:
             self._greeted = True
             announced = self.untagged_responses.pop("CAPABILITY", None)
@@ -121,6 +126,9 @@ class _ShownSocket:
                 self._show(sock)
                 sock.settimeout(timeout)
                 sock.connect(address)
+                # Shown again once connected: an interrupt that came between the first look
+                # and connect() found an unconnected socket, where shutdown() does nothing.
+                self._show(sock)
                 return self._secure(sock)
             except _Interrupted:
                 sock.close()

@@ -378,6 +378,9 @@ class Pool:
                 slot, check, want, deadline, timeout
             ):
                 continue
+            if self._closed:  # closed during the check or the SELECT
+                self._release(slot)
+                raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
             self._acquires += 1
             self._publish()
             return slot

@@ -184,10 +184,20 @@ def _message_ids(messages: Any) -> set[int]:
     return {int(message) for message in messages}
 
 
-def parse_fetch_results(
-    lines: list[Any], normalise_times: bool, wanted: Container[int] | None
+def read_fetch_results(
+    reader: FetchReader, lines: list[Any], normalise_times: bool, wanted: Container[int] | None
 ) -> dict[int, dict[bytes, Any]]:
-    """The messages in the untagged FETCH responses of a ``UID FETCH``, by UID.
+    """The results of a ``UID FETCH`` read through *reader*, by UID: the responses it parsed,
+    and the rest (those it left to the generic parser, and *lines*, the FETCH lines imaplib
+    kept) parsed here. See :func:`select_fetch_results` for which responses are results."""
+    rest = _fetch_responses([*reader.unparsed, *lines], normalise_times)
+    return select_fetch_results([*reader.messages, *rest], wanted)
+
+
+def select_fetch_results(
+    responses: Iterable[dict[bytes, Any]], wanted: Container[int] | None
+) -> dict[int, dict[bytes, Any]]:
+    """The parsed FETCH responses that are results, merged by UID.
 
     Only responses that carry a UID are results, and with *wanted* only those with a UID in
     it: a server sends other sessions' flag changes as ``* 7 FETCH (FLAGS (...))`` without a
@@ -195,14 +205,6 @@ def parse_fetch_results(
     the sequence number, merged into whichever message has that number as its UID. Several
     responses for the same UID are one message's items, merged.
     """
-    return select_fetch_results(_fetch_responses(lines, normalise_times), wanted)
-
-
-def select_fetch_results(
-    responses: Iterable[dict[bytes, Any]], wanted: Container[int] | None
-) -> dict[int, dict[bytes, Any]]:
-    """The parsed FETCH responses that are results, merged by UID (see
-    :func:`parse_fetch_results`)."""
     results: dict[int, dict[bytes, Any]] = {}
     for items in responses:
         uid = items.get(b"UID")
@@ -438,9 +440,7 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             # Only responses with a UID asked for are results: unsolicited ones (other
             # sessions' flag changes, without a UID) are dropped, never merged.
             wanted = _Wanted([steps[index][1] for index in range(start, end)])
-            responses = reader.messages
-            responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
-            response = select_fetch_results(responses, wanted)
+            response = read_fetch_results(reader, lines, self.normalise_times, wanted)
             for index in range(start, end):
                 if index in failed:
                     results.append(failed[index])
@@ -594,9 +594,7 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
         assert found is not None
         uids = sorted(set(found))
         wanted = {uid for uid in uids if uid in first}
-        responses = reader.messages
-        responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
-        return uids, select_fetch_results(responses, wanted), None, ""
+        return uids, read_fetch_results(reader, lines, self.normalise_times, wanted), None, ""
 
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
         """imapclient's ``fetch``, but a message's data is only what the server sent for it.
@@ -620,9 +618,7 @@ class TrackingClient(IMAPClient):  # type: ignore[misc]
             typ, answer = imap._command_complete("FETCH", tag)
         self._checkok("fetch", typ, answer)
         lines = [x for x in imap.untagged_responses.pop("FETCH", []) if x]
-        responses = reader.messages
-        responses += _fetch_responses(reader.unparsed + lines, self.normalise_times)
-        return select_fetch_results(responses, _message_ids(messages))
+        return read_fetch_results(reader, lines, self.normalise_times, _message_ids(messages))
 
     def unselect_folder(self) -> Any:
         try:

@@ -87,7 +87,7 @@ def _copy_notebooks() -> None:
 
 def _python3_kernel() -> None:
     """Make the notebooks' ``python3`` kernel this interpreter, ahead of any other installed
-    kernelspec (as tests/conftest.py does for the notebook tests)."""
+    kernelspec (as tests/integration/conftest.py does for the notebook tests)."""
     spec_root = Path(tempfile.mkdtemp(prefix="trio-imappool-docs-jupyter-"))
     spec_dir = spec_root / "kernels" / "python3"
     spec_dir.mkdir(parents=True)

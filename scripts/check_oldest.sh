@@ -25,5 +25,5 @@ trap 'rm -f "$log"' EXIT
 echo
 echo "--- oldest versions: pytest (a part of the suite)"
 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_config.py tests/test_connection.py tests/test_pool.py tests/test_fanout.py \
-    tests/test_idle.py tests/test_typing.py::test_the_typed_commands_are_the_connection_commands_with_imapclients_parameters
+    tests/unit/test_config.py tests/integration/test_connection.py tests/integration/test_pool.py tests/integration/test_fanout.py \
+    tests/integration/test_idle.py tests/integration/test_typing.py::test_the_typed_commands_are_the_connection_commands_with_imapclients_parameters

@@ -81,7 +81,7 @@ print("the pytest plugin is light and names the testing extra")
 PY
 
 echo "--- package: a trivial test suite with and without the plugin (wall time, for the record;"
-echo "    tests/test_plugin.py is the gate: the plugin's run imports nothing more)"
+echo "    tests/integration/test_plugin.py is the gate: the plugin's run imports nothing more)"
 mkdir "$work/suite"
 printf '[pytest]\n' >"$work/suite/pytest.ini"
 printf 'def test_trivial():\n    assert True\n' >"$work/suite/test_trivial.py"

@@ -1,6 +1,6 @@
-"""A worker process for tests/test_budget.py: one pool with a Redis budget on one account.
+"""A worker process for tests/integration/test_budget.py: one pool with a Redis budget.
 
-Run as ``python -m tests._budget_worker JSON``; the JSON has ``mode`` and the settings. It
+Run as ``python -m tests.integration._budget_worker JSON``; the JSON has ``mode`` and settings. It
 prints one JSON line per event the test waits for (``{"event": "ready"}``, ...) and a last line
 ``{"event": "done", ...}`` with its counts. Modes:
 

@@ -4,7 +4,7 @@ Rules: loopback only; a private Redis per test (``redis_server``, Debian's redis
 free port) and, where a pool is involved, a Dovecot of the test's own whose per-user limit
 (``mail_max_userip_connections``) equals the budget's limit, so a budget that let one connection
 too many through would see a login refused. Every test runs under ``fail_after``. Processes
-are ``tests/_budget_worker.py``.
+are ``tests/integration/_budget_worker.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from trio_imappool.testing._dovecot import DovecotFactory
 
 from .conftest import assert_settled
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 5
 
 
@@ -346,11 +346,11 @@ async def test_redis_down_keeps_connections_and_recovers(
 
 
 class Worker:
-    """A tests/_budget_worker.py process and the JSON lines it printed."""
+    """A tests/integration/_budget_worker.py process and the JSON lines it printed."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests._budget_worker", json.dumps(settings)],
+            [sys.executable, "-m", "tests.integration._budget_worker", json.dumps(settings)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio_imappool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 # Import names of the distributions we declare, where they differ.

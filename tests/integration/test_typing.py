@@ -23,7 +23,7 @@ import pytest
 import trio_imappool
 from trio_imappool import COMMANDS, ConfigurationError, IMAPCommands
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TYPING = Path(__file__).resolve().parent / "typing"
 _ERROR = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<message>.*?)(  \[[a-z-]+\])?$")
 

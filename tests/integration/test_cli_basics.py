@@ -25,7 +25,7 @@ from trio_imappool._export import local_folder_name
 from trio_imappool._survey import survey
 from trio_imappool.testing import DovecotServer, seed_folders
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 ENV = "TRIO_IMAPPOOL_"
 
 

@@ -4,7 +4,7 @@ Rules: every case is fed byte for byte to a real ``imaplib.IMAP4`` (no socket: i
 stream that hands out the bytes in chunks of a chosen size, so literals and lines split
 anywhere), once through :class:`FetchReader` and once through imaplib alone followed by the
 generic parser; the two must agree on every message, on the other untagged responses, and
-on the errors. The last tests run it against Dovecot.
+on the errors. tests/integration/test_fetch_reader_dovecot.py runs it against Dovecot.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imapclient import IMAPClient
 
-from trio_imappool import open_pool
 from trio_imappool._client import _fetch_responses, select_fetch_results
 from trio_imappool._fetch_reader import FetchReader, parse_simple_fetch
-from trio_imappool.testing import DovecotServer
-from trio_imappool.testing import seed_folders as _seed
 
 
 class _Chunks(io.RawIOBase):
@@ -258,40 +254,3 @@ def _wire(draw: st.DrawFn) -> bytes:
 @given(wire=_wire(), chunk=st.integers(1, 64))
 def test_any_wire_reads_the_same_as_imaplib_and_imapclient(wire: bytes, chunk: int) -> None:
     assert read_fast(wire, chunk) == read_generic(wire, chunk)
-
-
-# -- against Dovecot -------------------------------------------------------------------------
-
-
-def without_uid(fetched: dict[int, dict[bytes, Any]]) -> dict[int, dict[bytes, Any]]:
-    return {uid: {k: v for k, v in data.items() if k != b"UID"} for uid, data in fetched.items()}
-
-
-async def test_dovecot_answers_take_the_fast_path_and_match_imapclient(
-    dovecot: DovecotServer, account: dict[str, Any]
-) -> None:
-    uids = _seed(account, {"A": 30}, size=900, flags=lambda _, i: [r"\Seen"] if i % 3 else [])["A"]
-    plain = IMAPClient(account["host"], account["port"], ssl=False)
-    plain.login(account["username"], account["password"])
-    plain.select_folder("A", readonly=True)
-    fields = ["BODY.PEEK[]", "FLAGS", "RFC822.SIZE"]
-    expected = plain.fetch(uids, fields)
-    with_date = plain.fetch(uids[:5], ["INTERNALDATE", "BODY.PEEK[]"])
-    plain.logout()
-    async with open_pool(**account, max_size=1) as pool, pool.connection() as conn:
-        await conn.select_folder("A", readonly=True)
-        # The pool's fetch also keeps b"UID" in each message (imapclient drops it).
-        assert without_uid(await conn.fetch(uids, fields)) == expected
-        assert without_uid(await conn.fetch(uids[:5], ["INTERNALDATE", "BODY.PEEK[]"])) == (
-            with_date
-        )
-
-        def reader_of_one_fetch(client: IMAPClient) -> FetchReader:
-            imap = client._imap
-            tag = imap._command("UID", "FETCH", b"%d:%d" % (uids[0], uids[-1]), "(BODY.PEEK[])")
-            with FetchReader(imap) as reader:
-                imap._command_complete("FETCH", tag)
-            return reader
-
-        reader = await conn.run_sync(reader_of_one_fetch)
-        assert reader.unparsed == [] and len(reader.messages) == 30

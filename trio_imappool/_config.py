@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import ssl as ssl_lib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Required, TypeAlias, TypedDict, Unpack
 
 from ._errors import ConfigurationError
+from ._util import is_loopback
 
 if TYPE_CHECKING:
     import trio
@@ -220,7 +220,7 @@ class PoolConfig:
                 raise ConfigurationError(
                     "ssl_context or ca_file was given but neither ssl nor starttls is on"
                 )
-            if not _is_loopback(host) and not options.get("insecure_plaintext", False):
+            if not is_loopback(host) and not options.get("insecure_plaintext", False):
                 raise ConfigurationError(
                     f"refusing to send credentials without TLS to {host}: use ssl=True "
                     "(port 993) or starttls=True, or pass insecure_plaintext=True if you must"
@@ -295,15 +295,6 @@ def check_wire_text(what: str, value: str) -> None:
         raise ConfigurationError(
             f"{what} contains a line break (CR or LF) or NUL, which IMAP cannot carry: refused"
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _tls_context(options: dict[str, Any]) -> ssl_lib.SSLContext:

@@ -1,8 +1,15 @@
-"""Small helpers shared by the package's modules."""
+"""Small helpers shared by the package's modules: pure functions, no trio, no I/O.
+
+One copy of each: the layering test (tests/unit/test_layering.py) keeps this module a leaf, so
+every layer, the ones without trio included, may use it.
+"""
 
 from __future__ import annotations
 
-__all__ = ["holds_only"]
+import ipaddress
+from collections.abc import Iterable
+
+__all__ = ["holds_only", "is_loopback", "uid_set"]
 
 
 def holds_only(group: BaseExceptionGroup[BaseException], error: BaseException) -> bool:
@@ -19,3 +26,39 @@ def holds_only(group: BaseExceptionGroup[BaseException], error: BaseException) -
             return False
         group = inner
     return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether *host* names this machine's loopback: ``localhost`` or a loopback address.
+
+    Other names are not resolved: a name that resolves to 127.0.0.1 today may not tomorrow.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def uid_set(uids: Iterable[int], *, max_chars: int | None = None) -> str:
+    """UIDs as a compact IMAP set, runs of consecutive UIDs joined: ``1:200,205``.
+
+    Runs are found in the order given (sort first for the shortest set). With *max_chars*, a
+    longer set is cut after a whole element and ends with ``,...`` (for messages, not the wire).
+    """
+    parts: list[str] = []
+    start = prev = None
+    for uid in uids:
+        if prev is not None and uid == prev + 1:
+            prev = uid
+            continue
+        if start is not None:
+            parts.append(f"{start}" if start == prev else f"{start}:{prev}")
+        start = prev = uid
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}:{prev}")
+    text = ",".join(parts)
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max_chars - 3].rsplit(",", 1)[0] + ",..."
+    return text

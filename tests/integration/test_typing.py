@@ -1,8 +1,8 @@
 """The types a user of the library sees, checked with mypy as a user would run it.
 
-``tests/typing/user_ok.py`` is a user program that must pass ``mypy --strict``;
-``tests/typing/user_mistakes.py`` holds mistakes that must each be reported, on the line that
-carries an ``# E: <part of the message>`` comment, and nothing else may be reported. Both run in
+``typing/user_ok.py`` (beside this file) is a user program that must pass ``mypy --strict``;
+``typing/user_mistakes.py`` holds mistakes that must each be reported, on the line that carries
+an ``# E: <part of the message>`` comment, and nothing else may be reported. Both run in
 a subprocess from the repository's root (with its mypy settings, which the typed package
 needs for the untyped imapclient and trio-util).
 

@@ -16,9 +16,10 @@ The modules:
   send.
 - :mod:`._wire_client`: :class:`WireClient`, the imapclient subclass that tracks the session
   (selected folder, IDLE, logged out) and pipelines commands (``fetch_pipelined``,
-  ``select_and_search``, ``search_and_fetch``, ``fetch``), and :func:`after_noop`.
-- :mod:`._fetch_reader` and :mod:`._fetch`: the purpose-built FETCH reader and what turns
-  untagged FETCH responses into results by UID.
+  ``select_and_search``, ``search_and_fetch``, ``fetch``).
+- :mod:`._fetch_reader` and :mod:`._fetch`: the purpose-built FETCH reader, what turns
+  untagged FETCH responses into results by UID, and :func:`after_noop` (a NOOP pipelined
+  before a command).
 - :mod:`._idle_wire`: the blocking steps of an IDLE watch (its reader works around
   mjs/imapclient#519).
 - :mod:`._sync`: the exporter's flag pass (CONDSTORE's CHANGEDSINCE, QRESYNC's VANISHED).
@@ -41,6 +42,7 @@ handed in (``WireClient.check_text``) or made by the caller.
 
 from ._fetch import (
     PipelinedFetch,
+    after_noop,
     complete,
     esearch_uids,
     failure,
@@ -72,7 +74,7 @@ from ._sockets import (
     socket_of,
 )
 from ._sync import FlagAnswer, FlagStep, fetch_flags, parse_flag_responses, parse_uid_set
-from ._wire_client import WireClient, after_noop
+from ._wire_client import WireClient
 
 __all__ = [
     "MAX_BATCH",

@@ -4,7 +4,8 @@ The pipelined commands (:mod:`._wire_client`, :mod:`._sync`) write several comma
 reading any answer, then read each answer with imaplib's ``_command_complete``. This module
 holds the pieces they have in common: how a NO or BAD becomes imapclient's error, how the
 untagged FETCH responses become results (only those that carry a UID asked for), and the
-ESEARCH and message-set codecs. Pure functions apart from :func:`complete`; no Trio.
+ESEARCH and message-set codecs; and :func:`after_noop`, a NOOP pipelined before any command.
+Pure functions apart from :func:`complete` and :func:`after_noop`; no Trio.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import imaplib
 from collections.abc import Container, Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
+from imapclient import IMAPClient
 from imapclient.exceptions import ProtocolError
 from imapclient.imapclient import join_message_ids
 from imapclient.response_parser import (
@@ -27,6 +29,7 @@ from ._fetch_reader import FetchReader
 __all__ = [
     "PipelinedFetch",
     "Wanted",
+    "after_noop",
     "complete",
     "esearch_uids",
     "failure",
@@ -187,3 +190,16 @@ def _fetch_value(word: bytes, value: Any, normalise_times: bool) -> Any:
     if word in (b"BODY", b"BODYSTRUCTURE"):
         return BodyData.create(value)
     return value
+
+
+def after_noop(client: IMAPClient, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``client.<name>(*args, **kwargs)`` with a NOOP written right before it, in the same round
+    trip: the server answers the NOOP first, so a session that has had its folder selected for
+    a while sees other sessions' changes before the command runs (a session learns of them only
+    at its next command; Courier-IMAP loses keyword updates of sessions that STORE without
+    that). The NOOP's answer is read with the command's."""
+    imap = client._imap
+    tag = imap._command("NOOP")
+    result = getattr(client, name)(*args, **kwargs)
+    imap._command_complete("NOOP", tag)
+    return result

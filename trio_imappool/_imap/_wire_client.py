@@ -33,20 +33,16 @@ from ._fetch import (
     message_set,
     read_fetch_results,
 )
-from ._fetch import (
-    failure as _failure,
-)
+from ._fetch import failure as _failure
 from ._fetch_reader import FetchReader
 from ._sockets import TLSIMAP4, OnSocket, PlainIMAP4
 
-__all__ = ["WireClient", "after_noop"]
-
-_LINE_BREAKS = frozenset("\r\n\0")
+__all__ = ["WireClient"]
 
 
 def _refuse_line_breaks(what: str, value: str) -> None:
     """The check :class:`WireClient` makes unless a subclass gives its own (see there)."""
-    if any(ch in value for ch in _LINE_BREAKS):
+    if any(ch in value for ch in "\r\n\0"):
         raise ValueError(
             f"{what} contains a line break (CR or LF) or NUL, which IMAP cannot carry: refused"
         )
@@ -386,8 +382,7 @@ class WireClient(IMAPClient):  # type: ignore[misc]
         return PlainIMAP4(self.host, self.port, connect_timeout, self._on_socket)
 
     def _normalise_folder(self, folder_name: str | bytes) -> Any:
-        # Every folder argument of every command passes here: one that holds CR, LF or NUL
-        # would end the command line and let the rest be read as a command of its own.
+        # Every folder argument of every command passes here (see check_text).
         if isinstance(folder_name, bytes):
             self.check_text("a folder name", folder_name.decode("ascii", "replace"))
         else:
@@ -399,16 +394,3 @@ class WireClient(IMAPClient):  # type: ignore[misc]
         self.use_uid = True
         self.folder_encode = True
         self.normalise_times = True
-
-
-def after_noop(client: IMAPClient, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    """``client.<name>(*args, **kwargs)`` with a NOOP written right before it, in the same round
-    trip: the server answers the NOOP first, so a session that has had its folder selected for
-    a while sees other sessions' changes before the command runs (a session learns of them only
-    at its next command; Courier-IMAP loses keyword updates of sessions that STORE without
-    that). The NOOP's answer is read with the command's."""
-    imap = client._imap
-    tag = imap._command("NOOP")
-    result = getattr(client, name)(*args, **kwargs)
-    imap._command_complete("NOOP", tag)
-    return result

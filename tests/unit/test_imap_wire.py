@@ -1,9 +1,9 @@
 """The imaplib layer's pure parts, and its IDLE steps against a scripted server, without one.
 
-Rules: no socket, no thread. A scripted connection is a real ``imaplib.IMAP4`` whose server is
-a byte string (read through imaplib's own line reader) and whose writes are recorded; the
-steps that look at the socket's readability (starting IDLE, reading a batch) are left to
-tests/integration/test_idle.py, which runs them against Dovecot.
+Rules: no server, no thread. A scripted connection is a real ``imaplib.IMAP4`` whose server is
+a byte string (read through imaplib's own line reader) and whose writes are recorded; its
+socket, which the steps only look at for readability, is one end of a local socket pair that
+nothing is written to. tests/integration/test_idle.py runs the same steps against Dovecot.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import imaplib
 import io
 import re
+import socket
 import types
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import imapclient  # noqa: F401  (registers IDLE with imaplib's command table)
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, Protoco
 
 from trio_imappool._imap import (
     IdleSession,
+    begin_idle,
     complete,
     end_idle,
     esearch_uids,
@@ -29,6 +31,7 @@ from trio_imappool._imap import (
     message_set,
     parse_uid_set,
     poll,
+    read_batch,
 )
 from trio_imappool._imap._fetch import Wanted, message_ids
 from trio_imappool._imap._idle_wire import _event, _read_response
@@ -64,9 +67,19 @@ class _Scripted(imaplib.IMAP4):
         self.sent.append(bytes(data))
 
 
-def _client(script: bytes) -> Any:
+def _client(script: bytes, sock: socket.socket | None = None) -> Any:
     """What the IDLE steps use of a client: its imaplib connection and two attributes."""
-    return types.SimpleNamespace(_imap=_Scripted(script), normalise_times=True, idling=True)
+    imap = _Scripted(script)
+    imap.sock = sock  # type: ignore[assignment]
+    return types.SimpleNamespace(_imap=imap, normalise_times=True, idling=False)
+
+
+@pytest.fixture
+def quiet_socket() -> Iterator[socket.socket]:
+    """A socket with nothing to read: one end of a pair whose other end never writes."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        yield ours
 
 
 # -- message sets, ESEARCH, errors --------------------------------------------------------------
@@ -197,6 +210,7 @@ def test_a_bye_is_an_event_and_the_next_step_raises() -> None:
 def test_ending_idle_reads_up_to_the_noop_behind_done() -> None:
     client = _client(b"* 4 EXISTS\r\nT0 OK Idle completed\r\n* 2 RECENT\r\nT1 OK NOOP done\r\n")
     client._imap.tagged_commands[b"T0"] = None
+    client.idling = True
     session = IdleSession()
     session.tag = b"T0"
     end_idle(client, session)
@@ -209,6 +223,7 @@ def test_ending_idle_reads_up_to_the_noop_behind_done() -> None:
 def test_ending_an_idle_the_server_had_ended_skips_its_answer_to_done() -> None:
     client = _client(b"T0 OK Idle completed\r\n* BAD Unknown command\r\nT1 OK NOOP done\r\n")
     client._imap.tagged_commands[b"T0"] = None
+    client.idling = True
     session = IdleSession()
     session.tag = b"T0"
     end_idle(client, session)
@@ -218,6 +233,7 @@ def test_ending_an_idle_the_server_had_ended_skips_its_answer_to_done() -> None:
 def test_an_idle_that_ends_with_no_raises_after_reading_everything() -> None:
     client = _client(b"T0 NO too long\r\nT1 OK NOOP done\r\n")
     client._imap.tagged_commands[b"T0"] = None
+    client.idling = True
     session = IdleSession()
     session.tag = b"T0"
     with pytest.raises(IMAPClientError, match="IDLE failed: T0 NO too long"):
@@ -237,3 +253,48 @@ def test_ending_idle_when_none_is_running_sends_nothing() -> None:
     client = _client(b"")
     end_idle(client, IdleSession())
     assert client._imap.sent == []
+
+
+def test_a_push_that_came_with_the_continuation_is_seen_in_the_buffer(
+    quiet_socket: socket.socket,
+) -> None:
+    # imapclient's idle_check() polls the socket here and misses it (mjs/imapclient#519).
+    client = _client(b"+ idling\r\n* 3 EXISTS\r\n", quiet_socket)
+    session = IdleSession()
+    begin_idle(client, session)
+    assert client._imap.sent == [b"T1 IDLE\r\n"]
+    assert session.tag == b"T1" and client.idling is True
+    assert session.more is True and session.take_events() == []
+    read_batch(client, session)
+    assert [(e.kind, e.number) for e in session.take_events()] == [("EXISTS", 3)]
+    assert session.more is False  # nothing buffered, the socket quiet: wait for readability
+
+
+def test_pushes_before_the_continuation_are_events(quiet_socket: socket.socket) -> None:
+    client = _client(b"* 1 RECENT\r\n+ idling\r\n", quiet_socket)
+    session = IdleSession()
+    begin_idle(client, session)
+    assert [(e.kind, e.number) for e in session.take_events()] == [("RECENT", 1)]
+    assert session.more is False
+
+
+def test_a_refused_idle_raises_and_leaves_the_client_not_idling() -> None:
+    client = _client(b"T1 NO IDLE not allowed now\r\n")
+    session = IdleSession()
+    with pytest.raises(IMAPClientError, match="IDLE failed: T1 NO IDLE not allowed now"):
+        begin_idle(client, session)
+    assert session.tag is None and client.idling is False
+    assert client._imap.tagged_commands == {}
+
+
+def test_an_idle_the_server_ends_by_itself_is_noticed_by_the_next_read(
+    quiet_socket: socket.socket,
+) -> None:
+    client = _client(b"* 2 EXPUNGE\r\nT7 OK IDLE terminated\r\n", quiet_socket)
+    client.idling = True
+    client._imap.tagged_commands[b"T7"] = None
+    session = IdleSession()
+    session.tag = b"T7"
+    read_batch(client, session)
+    assert [(e.kind, e.number) for e in session.take_events()] == [("EXPUNGE", 2)]
+    assert session.tag is None and client.idling is False

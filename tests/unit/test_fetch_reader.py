@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_imappool._client import _fetch_responses, select_fetch_results
-from trio_imappool._fetch_reader import FetchReader, parse_simple_fetch
+from trio_imappool._imap import FetchReader, parse_simple_fetch, select_fetch_results
+from trio_imappool._imap import fetch_responses as _fetch_responses
 
 
 class _Chunks(io.RawIOBase):

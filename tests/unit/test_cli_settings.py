@@ -119,3 +119,74 @@ def test_a_password_on_the_command_line_is_refused_and_never_echoed(
     captured = capsys.readouterr()
     assert "hunter2" not in captured.err + captured.out
     assert "(see --help)" in captured.err
+
+
+# -- each source on its own, and how values are read from it -------------------------------------
+
+
+def test_without_flags_the_environment_wins_over_the_config_file_which_wins_over_defaults(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('host = "file.example"\nbatch-size = 50\ndelete = true\n')
+    env = {f"{ENV}CONFIG": str(config), f"{ENV}HOST": "env.example", f"{ENV}DELETE": "no"}
+    settings = Settings(export_args(), env)
+    assert settings.get("host") == "env.example"
+    assert settings.get("batch_size") == 50  # the file's, written with a dash
+    assert settings.get("delete") is False  # the environment's, even when it says no
+    assert settings.get("fsync") is True and settings.get("tls") == "implicit"  # defaults
+    empty = Settings(export_args(), {f"{ENV}CONFIG": str(config), f"{ENV}HOST": ""})
+    assert empty.get("host") == "file.example"  # an empty variable is not set
+
+
+def test_config_flag_wins_over_the_config_variable(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    first.write_text('host = "a.example"\n')
+    second.write_text('host = "b.example"\n')
+    env = {f"{ENV}CONFIG": str(first)}
+    assert Settings(export_args("--config", str(second)), env).get("host") == "b.example"
+    assert Settings(export_args(), env).get("host") == "a.example"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1", True), ("TRUE", True), (" yes ", True), ("on", True), ("0", False), ("off", False)],
+)
+def test_boolean_variables(text: str, value: bool) -> None:
+    assert Settings(export_args(), {f"{ENV}FSYNC": text}).get("fsync") is value
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "message"),
+    [("FSYNC", "maybe", "expected true or false"), ("PORT", "x", "expected an integer")],
+)
+def test_a_bad_variable_is_a_usage_error_naming_it(variable: str, text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=f"{ENV}{variable}: {message}"):
+        Settings(export_args(), {ENV + variable: text}).get(variable.lower())
+
+
+def test_folder_lists_come_from_the_config_file_only(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('folders = "INBOX"\nexclude = ["Trash", "Spam"]\n')
+    env = {f"{ENV}CONFIG": str(config), f"{ENV}FOLDERS": "Sent"}
+    settings = Settings(export_args(), env)
+    assert settings.get("folders") == ["INBOX"]  # a single name is a list of one
+    assert settings.get("exclude") == ["Trash", "Spam"]
+
+
+def test_the_default_config_file_follows_xdg_and_only_for_export_and_folders(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "xdg" / "trio-imappool" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('host = "default.example"\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert Settings(export_args(), env).get("host") == "default.example"
+    home = {"HOME": str(tmp_path / "home")}
+    (tmp_path / "home" / ".config").mkdir(parents=True)
+    (tmp_path / "home" / ".config" / "trio-imappool").symlink_to(config.parent)
+    assert Settings(export_args(), home).get("host") == "default.example"
+    relative = {"XDG_CONFIG_HOME": "xdg", "HOME": "home"}  # relative paths are ignored
+    assert Settings(export_args(), relative).get("host") is None
+    demo = argparse.Namespace(command="demo")
+    assert Settings(demo, env).get("host") is None  # the demo never reads it

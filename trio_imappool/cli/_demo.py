@@ -66,7 +66,12 @@ def _demo_with_dovecot(
     stack: contextlib.ExitStack,
     out: TextIO,
 ) -> int:
-    from trio_imappool.testing import DovecotNotFoundError, seed_folders, start_dovecot, start_proxy_thread
+    from trio_imappool.testing import (
+        DovecotNotFoundError,
+        seed_folders,
+        start_dovecot,
+        start_proxy_thread,
+    )
 
     try:
         import trustme  # noqa: F401

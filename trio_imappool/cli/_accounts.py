@@ -257,6 +257,7 @@ async def _work(
             opts = dict(options[name])
             host, port = opts.pop("host"), opts.pop("port")
             finished = False
+            report = ""
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(keep_claim, name, nursery.cancel_scope)
@@ -281,16 +282,18 @@ async def _work(
                 continue
             except Exception as exc:
                 kind, message = classify(exc)
-                print(f"{name}: FAILED: {message}", file=out, flush=True)
+                report = f"{name}: FAILED: {message}"
                 status = status or EXIT_CODES[kind]
                 finished = True
             else:
                 if finished:
-                    fetched = result.messages_fetched
-                    print(f"{name}: exported {fetched} messages", file=out, flush=True)
+                    report = f"{name}: exported {result.messages_fetched} messages"
             if finished:
                 await call(finish, [claim_key(name), done_key], [name, owner, DONE_TTL])
                 left.discard(name)
+                # Reported once marked done: a worker killed after its line leaves no account
+                # for another worker to export (and report) again.
+                print(report, file=out, flush=True)
             else:
                 busy = True  # our claim lapsed: another worker has the account
         if left and busy:

@@ -10,7 +10,7 @@ CPU, not round trips), TLS unless ``--plain``, into fresh Maildirs under ``/dev/
     One imapclient connection, per folder EXAMINE, ``SEARCH ALL``, one ``UID FETCH`` of
     everything (``BODY.PEEK[] FLAGS``), a file per message with ``open().write()``.
 ``export``
-    :func:`trio_imappool._export.export_maildir` in this process, ``--connections`` (4),
+    :func:`trio_imappool.exporter.export_maildir` in this process, ``--connections`` (4),
     ``fsync=False`` (like the script).
 ``mbsync``
     ``mbsync -a``, ``Sync Pull`` (if installed).
@@ -45,7 +45,7 @@ import trio
 from imapclient import IMAPClient, SocketTimeout
 
 import trio_imappool
-from trio_imappool._export import export_maildir
+from trio_imappool.exporter import export_maildir
 from trio_imappool.testing import DovecotServer, seed_folders, start_dovecot
 
 USER = "bench"

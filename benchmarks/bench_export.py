@@ -22,7 +22,7 @@ logout:
     EXAMINE, ``SEARCH ALL`` and one ``UID FETCH`` of every message (``BODY.PEEK[] FLAGS``),
     a file per message written with ``open().write()`` (no fsync: what a simple script does).
 ``trio-imappool, N connections``
-    :func:`trio_imappool._export.export_maildir` on a pool of N connections, in this process, with
+    :func:`trio_imappool.exporter.export_maildir` on a pool of N connections, in this process, with
     its defaults (each message fsynced before it counts); the ``no fsync`` row is the same
     with ``fsync=False``, the same durability as the baseline.
 ``trio-imappool CLI, 8 connections``
@@ -81,7 +81,7 @@ from _proxy_process import proxy_process
 from imapclient import IMAPClient, SocketTimeout
 
 import trio_imappool
-from trio_imappool._export import export_maildir
+from trio_imappool.exporter import export_maildir
 from trio_imappool.testing import DovecotServer, seed_folders, start_dovecot
 
 USER = "bench"

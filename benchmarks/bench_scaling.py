@@ -6,7 +6,7 @@ Run it with ``.venv/bin/python benchmarks/bench_scaling.py`` (it needs Debian's
 1 MB in 2 folders (``--no-large`` leaves that one out). Each mailbox is then exported once
 per ``--latencies`` (0 and 25 ms each way, that is a 50 ms round trip; 0 goes straight to
 Dovecot, the others through the latency proxy in a process of its own) with
-:func:`trio_imappool._export.export_maildir` (its defaults, ``--connections`` (8)) into a fresh
+:func:`trio_imappool.exporter.export_maildir` (its defaults, ``--connections`` (8)) into a fresh
 Maildir under ``/dev/shm``, each export in a child process of its own, so that its peak RSS
 (``ru_maxrss``) is its own. Implicit TLS unless ``--plain``.
 
@@ -38,7 +38,7 @@ def child(args: argparse.Namespace) -> int:
     import trio
 
     import trio_imappool
-    from trio_imappool._export import ExportResult, export_maildir
+    from trio_imappool.exporter import ExportResult, export_maildir
 
     async def main() -> ExportResult:
         async with trio_imappool.open_pool(

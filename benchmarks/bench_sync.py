@@ -57,7 +57,7 @@ from bench_export import Link, count_messages, find_peers, mbsync, offlineimap, 
 from imapclient import IMAPClient
 
 import trio_imappool
-from trio_imappool._export import (
+from trio_imappool.exporter import (
     export_maildir,
     maildir_flags,
     maildir_folder_path,

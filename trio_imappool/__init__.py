@@ -19,7 +19,9 @@
     trio.run(main)
 """
 
+import importlib as _importlib
 import os as _os
+import typing as _typing
 
 if _os.name != "posix":  # pragma: no cover - tested only where it holds
     raise ImportError(
@@ -51,16 +53,6 @@ from ._errors import (
     ReleasedConnectionError,
     TLSError,
 )
-from ._export import (
-    ExportError,
-    ExportProgress,
-    ExportResult,
-    FolderFailure,
-    FolderNotFoundError,
-    FolderReport,
-    export_maildir,
-    local_folder_name,
-)
 from ._fanout import (
     FanOutError,
     FetchResults,
@@ -72,11 +64,55 @@ from ._fanout import (
     remove_flags_many,
     search_many,
 )
-from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
 from ._idle import IdleEvent, IdleEvents, IdleStatistics
 from ._pool import Pool, open_pool
 from ._stats import AsyncCounts, PoolCounts, PoolStatistics
 from ._version import __version__ as __version__
+
+if _typing.TYPE_CHECKING:
+    from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
+    from .exporter import (
+        ExportError,
+        ExportProgress,
+        ExportResult,
+        FolderFailure,
+        FolderNotFoundError,
+        FolderReport,
+        export_maildir,
+        local_folder_name,
+    )
+
+# Loaded on first use, so that a program that only pools connections (and the command line's
+# start-up) never imports them: the pool group, and the exporter (an application built on the
+# names above).
+_LAZY: dict[str, str] = {
+    "CredentialsProvider": "_group",
+    "GroupStatistics": "_group",
+    "PoolGroup": "_group",
+    "open_pool_group": "_group",
+    "ExportError": "exporter",
+    "ExportProgress": "exporter",
+    "ExportResult": "exporter",
+    "FolderFailure": "exporter",
+    "FolderNotFoundError": "exporter",
+    "FolderReport": "exporter",
+    "export_maildir": "exporter",
+    "local_folder_name": "exporter",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "COMMANDS",

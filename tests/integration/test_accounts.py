@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_imappool.__main__ import main
+from trio_imappool.cli import main
 from trio_imappool.testing import DovecotServer, RedisServer, seed_folders
 from trio_imappool.testing._dovecot import DovecotFactory
 

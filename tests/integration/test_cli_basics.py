@@ -20,9 +20,10 @@ import trio
 
 import trio_imappool
 from trio_imappool import open_pool
-from trio_imappool.__main__ import EXIT_CODES, Settings, _output_closed, _parser, classify, main
-from trio_imappool._export import local_folder_name
-from trio_imappool._survey import survey
+from trio_imappool.cli import EXIT_CODES, Settings, classify, main
+from trio_imappool.cli._errors import _output_closed
+from trio_imappool.cli._parser import _parser
+from trio_imappool.exporter import local_folder_name, survey
 from trio_imappool.testing import DovecotServer, seed_folders
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -242,7 +242,7 @@ async def test_the_exporter_writes_such_a_parent_as_an_empty_folder(
     cyrus: CyrusServer, tmp_path: Path
 ) -> None:
     from trio_imappool import open_pool
-    from trio_imappool._export import export_maildir
+    from trio_imappool.exporter import export_maildir
 
     cyrus.add_user("exporter", "exporter-pw")
     settings = cyrus.pool_kwargs("exporter", tls=False)

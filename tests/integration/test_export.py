@@ -1,4 +1,4 @@
-"""The exporter (``trio_imappool._export``) and ``trio-imappool export``, against real Dovecot.
+"""The exporter (``trio_imappool.exporter``) and ``trio-imappool export``, against real Dovecot.
 
 Rules: loopback only; every test makes a user of its own on the shared ``dovecot`` server (or
 a server of its own), so its mailboxes start empty; the command line runs in a subprocess with
@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from trio_imappool import Pool, open_pool
-from trio_imappool._export import (
+from trio_imappool.exporter import (
     LOCK_NAME,
     REPLACED_DIR,
     STATE_NAME,
@@ -33,9 +33,7 @@ from trio_imappool._export import (
     ExportResult,
     FolderNotFoundError,
     export_maildir,
-    maildir_flags,
     maildir_folder_path,
-    message_filename,
     parse_message_filename,
     read_folder_state,
 )
@@ -126,35 +124,6 @@ def recreate_folder(settings: dict[str, Any], folder: str) -> None:
     client.delete_folder(folder)
     client.create_folder(folder)
     client.logout()
-
-
-# -- the Maildir side, no server -----------------------------------------------------------------
-
-
-def test_imap_system_flags_map_to_maildir_letters_in_ascii_order() -> None:
-    flags = [b"\\Seen", b"\\ANSWERED", b"\\Flagged", b"\\Deleted", b"\\Draft", b"\\Recent"]
-    assert maildir_flags(flags) == "DFRST"
-    assert maildir_flags([b"$Forwarded", "\\seen"]) == "S"
-    assert maildir_flags([]) == ""
-
-
-def test_folders_map_to_maildir_plus_plus_names_that_cannot_collide(tmp_path: Path) -> None:
-    assert maildir_folder_path(tmp_path, "INBOX", "/") == tmp_path
-    assert maildir_folder_path(tmp_path, "inbox", "/") == tmp_path
-    assert maildir_folder_path(tmp_path, "Archive/2024", "/") == tmp_path / ".Archive.2024"
-    assert maildir_folder_path(tmp_path, "Archive.2024", "/") == tmp_path / ".Archive%2E2024"
-    assert maildir_folder_path(tmp_path, "a/b", ".") == tmp_path / ".a%2Fb"
-    assert maildir_folder_path(tmp_path, "50%", "/") == tmp_path / ".50%25"
-    assert maildir_folder_path(tmp_path, "Ünï", None) == tmp_path / ".Ünï"
-
-
-def test_file_names_carry_uidvalidity_and_uid_whatever_the_flags_become() -> None:
-    name = message_filename(1234, 56, 2000, "RS")
-    assert name == "1234-56.trio-imappool,S=2000:2,RS"
-    assert parse_message_filename(name) == (1234, 56)
-    assert parse_message_filename(name.replace(":2,RS", ":2,FRST")) == (1234, 56)
-    assert parse_message_filename("1234-56.trio-imappool,S=2000") == (1234, 56)
-    assert parse_message_filename("1700000000.M1P2.host:2,S") is None
 
 
 # -- exports against Dovecot -----------------------------------------------------------------------

@@ -15,22 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hypothesis
 import imapclient
 import pytest
 import trio
-from hypothesis import strategies as st
 
 from trio_imappool import ConfigurationError, open_pool
-from trio_imappool.__main__ import EXIT_CODES, main
-from trio_imappool._export import (
-    MAX_LOCAL_NAME,
+from trio_imappool.cli import EXIT_CODES, main
+from trio_imappool.exporter import (
     ExportResult,
-    ServerFolder,
-    _assign_paths,
     export_maildir,
-    local_folder_name,
-    maildir_folder_path,
 )
 from trio_imappool.testing import (
     DEFAULT_CAPABILITIES,
@@ -124,95 +117,6 @@ def check_every_folder(
         report = by_name[key]
         assert report.path == dest or report.path.parent == dest
         assert on_disk(report.path) >= expected_on_disk(folder), key
-
-
-# -- the one mapping ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "delimiter", "local"),
-    [
-        ("INBOX", "/", ""),
-        ("inbox", ".", ""),
-        ("/", "/", ".%.%"),
-        (".", ".", ".%.%"),
-        ("..", "/", ".%2E%2E"),
-        ("..", ".", ".%.%.%"),
-        ("../x", "/", ".%2E%2E.x"),
-        ("a/../../b", "/", ".a.%2E%2E.%2E%2E.b"),
-        ("", "/", ".%"),
-        ("a/b", "/", ".a.b"),
-        ("a.b", "/", ".a%2Eb"),
-        ("a.b", ".", ".a.b"),
-        ("a/b", None, ".a%2Fb"),
-        ("50%", "/", ".50%25"),
-        ("x\x00y\r\n", "/", ".x%00y%0D%0A"),
-        ("\udcff", "/", ".%uDCFF"),
-        ("Ünï", None, ".Ünï"),
-    ],
-)
-def test_the_mapping_rules(name: str, delimiter: str | None, local: str) -> None:
-    assert local_folder_name(name, delimiter) == local
-
-
-def test_an_over_long_name_is_shortened_stably_and_distinctly() -> None:
-    long_a = "漢" * 90  # 270 bytes of UTF-8: over the file system's limit of 255
-    long_b = "漢" * 89 + "字"
-    a, b = local_folder_name(long_a, "/"), local_folder_name(long_b, "/")
-    assert a != b
-    assert a == local_folder_name(long_a, "/")  # stable
-    assert len(a.encode()) <= MAX_LOCAL_NAME and len(b.encode()) <= MAX_LOCAL_NAME
-    assert "%~" in a and a.startswith(".漢")
-    escaped = local_folder_name("%" * 300, "/")
-    assert len(escaped.encode()) <= MAX_LOCAL_NAME
-
-
-@hypothesis.given(name=st.text(), delimiter=st.sampled_from(["/", ".", "\\", None, "%", "~"]))
-@hypothesis.settings(max_examples=400, deadline=None)
-def test_whatever_the_name_the_result_stays_inside(name: str, delimiter: str | None) -> None:
-    root = Path("/dest")
-    local = local_folder_name(name, delimiter)
-    path = maildir_folder_path(root, name, delimiter)
-    if name.upper() == "INBOX":
-        assert local == "" and path == root
-        return
-    assert local.startswith(".") and local not in (".", "..") and not local.startswith("..")
-    assert "/" not in local and "\x00" not in local
-    assert len(local.encode("utf-8")) <= MAX_LOCAL_NAME
-    assert path.parent == root and path.name == local
-    assert Path(os.path.normpath(path)).parent == root
-
-
-@hypothesis.given(a=st.text(), b=st.text(), delimiter=st.sampled_from(["/", ".", None]))
-@hypothesis.settings(max_examples=300, deadline=None)
-def test_distinct_names_map_to_distinct_directories(a: str, b: str, delimiter: str | None) -> None:
-    hypothesis.assume(a != b and not (a.upper() == b.upper() == "INBOX"))
-    assert local_folder_name(a, delimiter) != local_folder_name(b, delimiter)
-
-
-@hypothesis.given(
-    listed=st.lists(
-        st.tuples(
-            st.sampled_from(["INBOX", "Inbox", "a/b", "a.b", "", "/", ".", "..", "漢" * 90])
-            | st.text(max_size=30),
-            st.sampled_from(["/", ".", None]),
-        ),
-        max_size=12,
-        unique_by=lambda pair: pair[0],
-    )
-)
-@hypothesis.settings(max_examples=300, deadline=None)
-def test_no_two_folders_ever_share_a_directory(listed: list[tuple[str, str | None]]) -> None:
-    root = Path("/nonexistent-destination")
-    servers = [ServerFolder(name, delimiter, 1, 1, 0) for name, delimiter in listed]
-    placed, failures = _assign_paths(root, servers)
-    assert not failures
-    assert sorted(s.name for s, _ in placed) == sorted(name for name, _ in listed)
-    paths = [path for _, path in placed]
-    assert len(set(paths)) == len(paths)
-    assert all(path == root or path.parent == root for path in paths)
-    reordered = _assign_paths(root, list(reversed(servers)))[0]
-    assert sorted((s.name, p) for s, p in reordered) == sorted((s.name, p) for s, p in placed)
 
 
 async def test_folder_patterns_with_line_breaks_are_refused(tmp_path: Path) -> None:

@@ -13,22 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hypothesis
 import pytest
 import trio
-from hypothesis import strategies as st
 
 from trio_imappool import open_pool
-from trio_imappool.__main__ import EXIT_CODES, main
-from trio_imappool._export import (
-    MAX_LOCAL_NAME,
+from trio_imappool.cli import EXIT_CODES, main
+from trio_imappool.exporter import (
     ExportResult,
     FolderNotFoundError,
-    ServerFolder,
-    _assign_paths,
     export_maildir,
-    local_folder_name,
-    maildir_folder_path,
     parse_message_filename,
 )
 from trio_imappool.testing import (
@@ -80,73 +73,6 @@ async def export(server: Any, root: Path, **kwargs: Any) -> ExportResult:
     with trio.fail_after(30):
         async with open_pool(**server.pool_kwargs(), max_size=3) as pool:
             return await export_maildir(pool, root, fsync=False, **kwargs)
-
-
-# -- the naming rule -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("folder", "expected"),
-    [
-        ("INBOX", ""),
-        ("INBOX.Archive", ".Archive"),
-        ("INBOX.Archive.2024", ".Archive.2024"),
-        ("inbox.Archive", ".Archive"),  # the INBOX of the prefix in any case
-        ("shared.team", ".shared.team"),  # outside the personal namespace: the whole name
-        ("INBOX.INBOX", ".INBOX.INBOX"),  # never the destination itself
-        ("INBOXArchive", ".INBOXArchive"),
-        ("INBOX.a/b", ".a%2Fb"),
-    ],
-)
-def test_local_names_are_relative_to_the_personal_namespace(folder: str, expected: str) -> None:
-    assert local_folder_name(folder, ".", "INBOX.") == expected
-    assert maildir_folder_path("/m", folder, ".", "INBOX.") == Path("/m", expected)
-
-
-def test_without_a_prefix_local_names_are_what_they_were() -> None:
-    """Dovecot, Cyrus with altnamespace, Gmail: prefix ``""``, the names of earlier exports."""
-    for name, delimiter in [("INBOX", "/"), ("Archive/2024", "/"), ("INBOX.Archive", ".")]:
-        assert local_folder_name(name, delimiter, "") == local_folder_name(name, delimiter)
-    assert local_folder_name("INBOX.Archive", ".") == ".INBOX.Archive"
-    long = "INBOX." + "x" * 300  # shortened with the hash of the whole name: stable, distinct
-    assert local_folder_name(long, ".", "INBOX.") != local_folder_name("x" * 300, ".", "INBOX.")
-
-
-PREFIXES = st.sampled_from(["INBOX.", "inbox.", "INBOX/", "~/", "#mh/", ""])
-NAMES = st.sampled_from(["INBOX", "INBOX.", "INBOX.INBOX", "INBOX..", "INBOX./", "x"]) | st.text()
-
-
-@hypothesis.given(name=NAMES, delimiter=st.sampled_from(["/", ".", None]), prefix=PREFIXES)
-@hypothesis.settings(max_examples=400, deadline=None)
-def test_whatever_the_name_and_prefix_the_result_stays_inside(
-    name: str, delimiter: str | None, prefix: str
-) -> None:
-    local = local_folder_name(name, delimiter, prefix)
-    if name.upper() == "INBOX":
-        assert local == ""
-        return
-    assert local.startswith(".") and local not in (".", "..") and not local.startswith("..")
-    assert "/" not in local and "\x00" not in local
-    assert len(local.encode("utf-8")) <= MAX_LOCAL_NAME
-
-
-@hypothesis.given(
-    names=st.lists(NAMES, max_size=10, unique=True),
-    delimiter=st.sampled_from(["/", "."]),
-    prefix=PREFIXES,
-)
-@hypothesis.settings(max_examples=300, deadline=None)
-def test_under_a_prefix_no_two_folders_share_a_directory(
-    names: list[str], delimiter: str, prefix: str
-) -> None:
-    root = Path("/nonexistent-destination")
-    servers = [ServerFolder(name, delimiter, 1, 1, 0, namespace=prefix) for name in names]
-    placed, failures = _assign_paths(root, servers)
-    assert not failures
-    paths = [path for _, path in placed]
-    assert sorted(s.name for s, _ in placed) == sorted(names)
-    assert len(set(paths)) == len(paths)
-    assert all(path == root or path.parent == root for path in paths)
 
 
 # -- a Courier-like scripted server --------------------------------------------------------------

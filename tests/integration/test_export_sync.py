@@ -27,7 +27,8 @@ import pytest
 import trio
 
 from trio_imappool import open_pool
-from trio_imappool._export import (
+from trio_imappool._sync_wire import parse_flag_responses, parse_uid_set
+from trio_imappool.exporter import (
     STATE_NAME,
     ExportResult,
     export_maildir,
@@ -36,7 +37,6 @@ from trio_imappool._export import (
     parse_message_filename,
     read_folder_state,
 )
-from trio_imappool._sync_wire import parse_flag_responses, parse_uid_set
 from trio_imappool.testing import (
     DovecotServer,
     ScriptedFolder,
@@ -413,7 +413,7 @@ def rename(src, dst, *args, **kwargs):
         done.write("x")
     time.sleep(0.25)  # a window of seconds to kill it in, even on a loaded machine
 os.rename = rename
-from trio_imappool.__main__ import main
+from trio_imappool.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -576,7 +576,7 @@ def age_directories(root: Path, seconds: float = 10) -> None:
 async def test_unchanged_directories_are_not_listed_and_any_change_to_them_is_noticed(
     dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trio_imappool import _export
+    from trio_imappool.exporter import _local as _export
 
     settings = new_user(dovecot)
     seed_folders(settings, FOLDERS, flags=flags_for)

@@ -37,8 +37,11 @@ from typing import Any, Final, TextIO
 
 import trio
 
-from ._budget import RedisBudget
-from ._errors import BudgetUnavailableError
+from trio_imappool import BudgetUnavailableError, RedisBudget, open_pool
+from trio_imappool.exporter import ExportError, export_maildir
+
+from ._errors import classify
+from ._settings import EXIT_CODES, Settings, UsageError
 
 __all__ = ["add_arguments", "budget_options", "run_accounts"]
 
@@ -102,8 +105,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _budget(settings: Any, connections: int) -> RedisBudget | None:
-    from .__main__ import UsageError
-
     url = settings.get("budget")
     if not url:
         if settings.get("accounts"):
@@ -131,8 +132,6 @@ def _env_name(user: str) -> str:
 
 def _load_accounts(path: Path) -> dict[str, dict[str, str]]:
     """Account name -> its settings (``user``, ``host``, ``password_command``, ``password_env``)."""
-    from .__main__ import UsageError
-
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -165,8 +164,6 @@ def _load_accounts(path: Path) -> dict[str, dict[str, str]]:
 
 def _account_options(args: argparse.Namespace, account: dict[str, str]) -> dict[str, Any]:
     """open_pool options for one account: the command line's, with its user and secret."""
-    from .__main__ import Settings, UsageError
-
     ns = copy.copy(args)
     ns.user = account["user"]
     if account.get("host"):
@@ -187,8 +184,6 @@ def _account_options(args: argparse.Namespace, account: dict[str, str]) -> dict[
 
 def run_accounts(args: argparse.Namespace, settings: Any, out: TextIO) -> int:
     """``export --accounts``: export the accounts this worker can claim; returns the status."""
-    from .__main__ import UsageError
-
     maildir = args.maildir or settings.get("maildir")
     if not maildir:
         raise UsageError("no destination: give MAILDIR (or maildir in the config file)")
@@ -213,10 +208,6 @@ async def _work(
     settings: Any,
     out: TextIO,
 ) -> int:
-    from .__main__ import EXIT_CODES, classify
-    from ._export import ExportError, export_maildir
-    from ._pool import open_pool
-
     redis = budget._redis
     claim, renew, finish = (redis.register_script(s) for s in (_CLAIM, _RENEW, _FINISH))
     owner = budget.new_place()
@@ -266,6 +257,7 @@ async def _work(
             opts = dict(options[name])
             host, port = opts.pop("host"), opts.pop("port")
             finished = False
+            report = ""
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(keep_claim, name, nursery.cancel_scope)
@@ -290,16 +282,18 @@ async def _work(
                 continue
             except Exception as exc:
                 kind, message = classify(exc)
-                print(f"{name}: FAILED: {message}", file=out, flush=True)
+                report = f"{name}: FAILED: {message}"
                 status = status or EXIT_CODES[kind]
                 finished = True
             else:
                 if finished:
-                    fetched = result.messages_fetched
-                    print(f"{name}: exported {fetched} messages", file=out, flush=True)
+                    report = f"{name}: exported {result.messages_fetched} messages"
             if finished:
                 await call(finish, [claim_key(name), done_key], [name, owner, DONE_TTL])
                 left.discard(name)
+                # Reported once marked done: a worker killed after its line leaves no account
+                # for another worker to export (and report) again.
+                print(report, file=out, flush=True)
             else:
                 busy = True  # our claim lapsed: another worker has the account
         if left and busy:

@@ -1,307 +1,38 @@
-"""One Trio run that lives across Jupyter cells: Trio in guest mode on the kernel's asyncio loop.
-
-A pool lives inside one Trio run: its connections and background work belong to a nursery that
-must be exited in the run that opened it. Jupyter's ``%autoawait trio`` runs every cell as a
-``trio.run`` of its own, so a pool opened in one cell is closed when that cell ends. This module
-keeps a single Trio run going for as long as you want, as a *guest* on the asyncio event loop the
-kernel already runs (:func:`trio.lowlevel.start_guest_run`), and lets each cell hand work to it::
-
-    # IPython's default autoawait (asyncio) lets a cell await at the top level.
-    import trio_imappool
-    from trio_imappool.notebook import TrioRunner
-
-    trio_runner = await TrioRunner.start()  # cell 1: the Trio run starts
-
-    pool = await trio_runner.enter(trio_imappool.open_pool(**settings))  # cell 2: stays open
-
-
-    async def unseen(pool, folder):  # cell 3: a Trio function, run in the Trio run
-        async with pool.connection() as conn:
-            await conn.select_folder(folder, readonly=True)
-            return await conn.search(["UNSEEN"])
-
-
-    print(await trio_runner.run(unseen, pool, "INBOX"))
-
-    sampler = trio_runner.start_soon(sample_forever, pool)  # keeps running between cells
-    ...
-    await trio_runner.close()  # last cell: cancel tasks, close the pool, end the run
-
-Nothing here depends on IPython: any running asyncio loop will do (the tests use
-:func:`asyncio.run`).
-
-**What is taken care of.**
-
-- *Interrupts.* Interrupting the kernel while a cell awaits :meth:`TrioRunner.run`,
-  :meth:`~TrioRunner.enter` or :meth:`~TrioRunner.exit` cancels the cell's asyncio task
-  (ipykernel turns SIGINT into :exc:`asyncio.CancelledError` for async cells). The runner
-  forwards it: it cancels the Trio task's cancel scope, waits until the Trio task has finished
-  (so nothing is left running behind your back: a pool connection busy in a command is
-  interrupted and discarded, as for any Trio cancellation), then re-raises the
-  :exc:`~asyncio.CancelledError`. Interrupt a second time to stop waiting for a Trio task that
-  ignores cancellation (a shielded one); it then finishes on its own. Trio does not install its
-  own Ctrl-C handler in this run: Ctrl-C belongs to the kernel.
-- *Output.* Each Trio task runs in a copy of the calling cell's :mod:`contextvars` context,
-  where ipykernel keeps the cell's identity, so ``print()`` in a task lands in the cell that
-  called :meth:`~TrioRunner.run` or :meth:`~TrioRunner.start_soon` (for a background task: the
-  cell that started it, even after that cell has finished).
-- *Crashes of background tasks.* An exception in a task started with
-  :meth:`~TrioRunner.start_soon` does not end the run: it is printed to ``sys.stderr`` (or
-  given to ``on_background_error``), kept in :attr:`TrioRunner.errors`, and the run goes on.
-  An exception raised by a function given to :meth:`~TrioRunner.run` is raised in the cell.
-
-**Limits.**
-
-- *A blocking cell freezes Trio.* The Trio run makes progress only while the kernel's asyncio
-  loop runs, that is between cells and while a cell awaits. A cell that blocks (``time.sleep``,
-  a blocking network call, a long computation) stops every Trio task for that long: background
-  tasks do not tick, deadlines fire late, pooled connections wait. Await instead
-  (``await asyncio.sleep(1)``, ``await trio_runner.run(trio.sleep, 1)``), or run the blocking
-  work in a thread (``await asyncio.to_thread(fn)``).
-- *No other Trio run in the kernel's thread.* While a runner is alive, ``trio.run()`` in a cell,
-  ``%autoawait trio`` and a second :class:`TrioRunner` fail with Trio's
-  ``RuntimeError("Attempted to call run() from inside a run()")``: Trio allows one run per
-  thread. Do Trio work through :meth:`~TrioRunner.run`, or close the runner first. Conversely,
-  :meth:`TrioRunner.start` needs IPython's default ``%autoawait asyncio``: under
-  ``%autoawait trio`` there is no asyncio loop to be a guest of.
-- *Trio objects belong to the run.* Create Trio objects (events, channels, cancel scopes, pools)
-  and call Trio functions inside functions given to :meth:`~TrioRunner.run`, not directly in a
-  cell. Reading plain attributes (``pool.statistics()``, ``pool.counts.value``) from a cell is
-  fine: the cell and the Trio run share one thread and never run at the same moment.
-- *Close before you stop.* Await :meth:`TrioRunner.close` before restarting or shutting down the
-  kernel, so contexts exit cleanly (a pool logs out). If the kernel dies first, the operating
-  system closes the sockets; the server sees dropped connections.
-- *Signals.* If the asyncio loop has no signal wakeup fd of its own (ipykernel's has none),
-  Trio installs its own for the life of the run, which also makes kernel interrupts of any
-  awaiting cell take effect at once instead of when the loop next wakes (ipykernel#881). A
-  signal handler added with :meth:`asyncio.loop.add_signal_handler` while the runner is alive
-  replaces it, and closing the runner then removes asyncio's. If the loop has one already,
-  Trio leaves it alone (``host_uses_signal_set_wakeup_fd=True``).
-
-(The other way round is ipykernel's own ``--trio-loop`` option, in a kernelspec of your own:
-the whole kernel then runs inside one Trio run, with ``%autoawait trio`` fixed, so asyncio code
-cannot be awaited in its cells.)
-"""
+"""The :class:`TrioRunner`: one Trio run, a guest on the asyncio loop, across cells."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
-import signal
 import sys
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Final, Generic, Literal, TypeVar, TypeVarTuple
+from typing import Any
 
 import outcome
 import trio
 
-__all__ = ["BackgroundTask", "RunnerStatistics", "TrioRunner"]
-
-T = TypeVar("T")
-Ts = TypeVarTuple("Ts")
-
-State = Literal["running", "closing", "closed"]
-"""The life of a :class:`TrioRunner`: ``running`` until :meth:`~TrioRunner.close` is called,
-``closing`` while it waits for the run to end, then ``closed``."""
-
-ErrorHandler = Callable[[str, BaseException], object]
-"""Called as ``fn(what, exception)`` when a background task or a held context crashes; *what*
-names it (``"background task 'sample'"``)."""
-
-#: ``exit()`` without an argument: the context entered last.
-_LAST: Final[Any] = object()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RunnerStatistics:
-    """A snapshot of a runner, returned by :meth:`TrioRunner.statistics`.
-
-    ====================  ================================================================
-    field                 meaning
-    ====================  ================================================================
-    ``state``             ``"running"``, ``"closing"`` or ``"closed"``
-    ``calls``             :meth:`~TrioRunner.run` calls whose Trio task has not finished
-    ``background_tasks``  tasks from :meth:`~TrioRunner.start_soon` still running
-    ``contexts``          contexts from :meth:`~TrioRunner.enter` being entered or held open
-    ``errors``            background tasks and held contexts that crashed
-                          (:attr:`TrioRunner.errors`)
-    ====================  ================================================================
-    """
-
-    state: State
-    calls: int
-    background_tasks: int
-    contexts: int
-    errors: int
-
-    def __str__(self) -> str:
-        return (
-            f"{self.state} calls={self.calls} background_tasks={self.background_tasks} "
-            f"contexts={self.contexts} errors={self.errors}"
-        )
-
-
-def _uncancelled(result: outcome.Outcome[T]) -> outcome.Outcome[T] | None:
-    """*result* without :exc:`trio.Cancelled` in it; ``None`` if that was all it held.
-
-    A Cancelled belongs to the Trio run and must not reach asyncio code; in an exception group
-    with other errors, the others are kept.
-    """
-    if not isinstance(result, outcome.Error):
-        return result
-    error = result.error
-    if isinstance(error, trio.Cancelled):
-        return None
-    if isinstance(error, BaseExceptionGroup):
-        _cancelled, rest = error.split(trio.Cancelled)
-        if rest is None:
-            return None
-        if rest is not error:
-            return outcome.Error(rest)
-    return result
-
-
-def _resolve(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _name(fn: object) -> str:
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
-
-
-def _forward_sigint(signum: int, frame: Any) -> None:
-    signal.default_int_handler(signum, frame)
-
-
-@contextlib.contextmanager
-def _trio_leaves_sigint_alone() -> Iterator[None]:
-    """Keep Trio from installing its Ctrl-C handler while the guest run is set up.
-
-    Trio takes over SIGINT when it finds Python's default handler, and would then raise
-    :exc:`KeyboardInterrupt` inside the Trio run, ending it (and every pool in it). In a kernel,
-    Ctrl-C belongs to the awaiting cell. An equivalent handler in place of the default one
-    while the run starts makes Trio leave SIGINT alone; the default one is put back after.
-    """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    signal.signal(signal.SIGINT, _forward_sigint)
-    try:
-        yield
-    finally:
-        if signal.getsignal(signal.SIGINT) is _forward_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _host_has_wakeup_fd() -> bool:
-    """Whether the host loop already receives signals through :func:`signal.set_wakeup_fd`.
-
-    If it does, Trio must leave the wakeup fd alone. If not (the case of ipykernel's loop and
-    of :func:`asyncio.run`), Trio installs its own, and that matters: a kernel interrupt is
-    then delivered at once, because the signal wakes Trio's I/O thread, which wakes the
-    asyncio loop, which runs the kernel's SIGINT handler. Without a wakeup fd, a SIGINT that
-    lands in another thread waits until the loop wakes for another reason (ipykernel#881).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return True  # only the main thread has a wakeup fd; Trio would not touch it anyway
-    current = signal.set_wakeup_fd(-1)
-    if current != -1:
-        signal.set_wakeup_fd(current)
-    return current != -1
-
-
-class BackgroundTask:
-    """A Trio task started by :meth:`TrioRunner.start_soon`; it runs between cells.
-
-    Attributes:
-        name: The task's name (its function's, unless given).
-    """
-
-    def __init__(self, runner: TrioRunner, name: str, finished: asyncio.Future[None]) -> None:
-        self.name: Final = name
-        self._runner = runner
-        self._scope = trio.CancelScope()
-        self._finished = finished
-        self._exception: BaseException | None = None
-
-    def __repr__(self) -> str:
-        if not self.done:
-            state = "running"
-        elif self._exception is not None:
-            state = f"crashed with {type(self._exception).__name__}"
-        else:
-            state = "finished"
-        return f"<BackgroundTask {self.name!r} {state}>"
-
-    @property
-    def done(self) -> bool:
-        """Whether the task has finished (returned, crashed or been cancelled)."""
-        return self._finished.done()
-
-    @property
-    def exception(self) -> BaseException | None:
-        """The exception the task crashed with, or ``None``."""
-        return self._exception
-
-    def cancel(self) -> None:
-        """Cancel the task; it finishes at its next checkpoint. Does nothing once it finished.
-
-        Does not wait: await :meth:`wait` for that.
-        """
-        if not self.done:
-            self._runner._cancel_soon(self._scope)
-
-    async def wait(self) -> None:
-        """Wait (in asyncio) until the task has finished. Does not raise the task's exception.
-
-        **Cancellation**: cancelling the wait (a kernel interrupt) leaves the task running.
-        """
-        await asyncio.shield(self._finished)
-
-
-class _Call(Generic[T]):
-    """One :meth:`TrioRunner.run` call."""
-
-    def __init__(
-        self,
-        fn: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        future: asyncio.Future[outcome.Outcome[T]],
-    ) -> None:
-        self.fn = fn
-        self.args = args
-        self.name = _name(fn)
-        self.future = future
-        self.scope = trio.CancelScope()
-
-
-class _Held:
-    """One context entered by :meth:`TrioRunner.enter`, and the task that holds it open."""
-
-    def __init__(
-        self, cm: AbstractAsyncContextManager[Any], loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.cm = cm
-        self.name = repr(cm)
-        self.scope = trio.CancelScope()
-        self.entered = False
-        self.value: Any = None
-        self.exit_asked = False
-        self.exit_requested = trio.Event()
-        # What entering gave (the value, or why not), for enter(); then the outcome of
-        # leaving, for exit(), once the holding task is over.
-        self.entering: asyncio.Future[outcome.Outcome[Any]] = loop.create_future()
-        self.finished: asyncio.Future[outcome.Outcome[None]] = loop.create_future()
-        self.trio_finished = trio.Event()
+from ._parts import (
+    _LAST,
+    BackgroundTask,
+    ErrorHandler,
+    RunnerStatistics,
+    State,
+    T,
+    Ts,
+    _Call,
+    _closed,
+    _Held,
+    _host_has_wakeup_fd,
+    _name,
+    _resolve,
+    _settle,
+    _trio_leaves_sigint_alone,
+    _uncancelled,
+)
 
 
 class TrioRunner:
@@ -620,7 +351,7 @@ class TrioRunner:
             trio.ClosedResourceError: The runner is closed.
         """
         self._check_caller(in_loop=False)
-        task = BackgroundTask(self, name or _name(fn), self._loop.create_future())
+        task = BackgroundTask(self._cancel_soon, name or _name(fn), self._loop.create_future())
         self._tasks[task] = None
 
         async def body() -> object:
@@ -831,13 +562,3 @@ class TrioRunner:
             raise errors[0]
         if errors:
             raise BaseExceptionGroup("errors while closing the TrioRunner", errors)
-
-
-def _closed(why: str) -> outcome.Error:
-    return outcome.Error(trio.ClosedResourceError(f"the TrioRunner is closed: {why}"))
-
-
-async def _settle(future: asyncio.Future[Any]) -> None:
-    """Wait for *future* to finish, unless cancelled again (then stop waiting, quietly)."""
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait([future])

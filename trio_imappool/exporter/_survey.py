@@ -24,22 +24,14 @@ from pathlib import Path
 
 import trio
 
-from ._errors import connection_survives
-from ._export import (
-    FolderFailure,
-    ServerFolder,
-    _assign_paths,
-    _Folder,
-    _plan,
-    _same_folder,
-    _select,
-    _server_folders,
-    local_folder_name,
-    parse_message_filename,
-    read_folder_state,
-)
-from ._fanout import fetch_many
-from ._pool import Pool
+from trio_imappool import Pool, fetch_many
+from trio_imappool.wire import connection_survives
+
+from ._local import _assign_paths, _Folder, _plan, _same_folder
+from ._naming import local_folder_name, parse_message_filename
+from ._run import _server_folders
+from ._server import FolderFailure, ServerFolder, _select
+from ._state import read_folder_state
 
 __all__ = ["PlannedFolder", "Survey", "survey"]
 

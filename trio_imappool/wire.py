@@ -14,6 +14,9 @@ private module.
   connection; pass it to ``conn.run_sync``. :class:`FlagStep` is one folder of it,
   :class:`FlagAnswer` what the server said; :func:`parse_flag_responses` and
   :func:`parse_uid_set` read such answers.
+* :func:`list_with_status` lists every folder with its STATUS numbers in one round trip where
+  the server has LIST-STATUS (RFC 5819), the personal namespace (NAMESPACE) pipelined with it;
+  :class:`Listing` is its answer.
 * :func:`uid_set` writes UIDs as a compact IMAP set (``1:200,205``); :func:`is_loopback` says
   whether a host name is this machine's loopback (plain IMAP there sends no password over a
   network).
@@ -28,6 +31,7 @@ from __future__ import annotations
 from ._config import check_wire_text
 from ._errors import connection_survives
 from ._fanout import DEFAULT_BATCH_SIZE
+from ._imap import Listing, list_with_status
 from ._sync_wire import FlagAnswer, FlagStep, fetch_flags, parse_flag_responses, parse_uid_set
 from ._util import is_loopback, uid_set
 
@@ -35,10 +39,12 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "FlagAnswer",
     "FlagStep",
+    "Listing",
     "check_wire_text",
     "connection_survives",
     "fetch_flags",
     "is_loopback",
+    "list_with_status",
     "parse_flag_responses",
     "parse_uid_set",
     "uid_set",

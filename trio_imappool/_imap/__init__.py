@@ -22,6 +22,8 @@ The modules:
   before a command).
 - :mod:`._idle_wire`: the blocking steps of an IDLE watch (its reader works around
   mjs/imapclient#519).
+- :mod:`._listing`: LIST-STATUS with NAMESPACE pipelined (every folder's numbers in one
+  round trip).
 - :mod:`._sync`: the exporter's flag pass (CONDSTORE's CHANGEDSINCE, QRESYNC's VANISHED).
 
 Checked against imapclient 3.0.0 (the lowest version: scripts/oldest-constraints.txt, run by
@@ -63,6 +65,7 @@ from ._idle_wire import (
     read_batch,
     renew,
 )
+from ._listing import Listing, list_with_status
 from ._literals import login_with_literals
 from ._sockets import (
     OnSocket,
@@ -83,6 +86,7 @@ __all__ = [
     "FlagStep",
     "IdleEvent",
     "IdleSession",
+    "Listing",
     "OnSocket",
     "OpenInterrupted",
     "PipelinedFetch",
@@ -98,6 +102,7 @@ __all__ = [
     "fetch_responses",
     "has_buffered_data",
     "holds_unread",
+    "list_with_status",
     "login_with_literals",
     "message_set",
     "open_watch",

@@ -3,7 +3,6 @@ namespace, and choosing folders by pattern."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import imaplib
@@ -11,7 +10,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from imapclient import imap_utf7
-from imapclient.response_parser import parse_response
+
+from trio_imappool.wire import list_with_status
 
 from ._base import _STATUS_ITEMS, FolderNotFoundError
 from ._naming import _relative_name
@@ -125,22 +125,11 @@ def _list_status(
     client.folder_encode = False  # the names as the server sent them, to check them here
     try:
         if client.has_capability("LIST-STATUS"):
-            # imapclient has no LIST-STATUS; imaplib's plumbing does it, as imapclient's own
-            # list_folders() does for LIST.
-            imap = client._imap
-            asked = imap._command("NAMESPACE") if client.has_capability("NAMESPACE") else None
-            tag = imap._command("LIST", '""', '"*"', "RETURN", f"(STATUS ({' '.join(wanted)}))")
-            namespace = _namespace_answer(client, asked)
-            typ, data = imap._command_complete("LIST", tag)
-            client._checkok("list", typ, data)
-            _, lists = imap._untagged_response(typ, data, "LIST")
-            _, statuses = imap._untagged_response(typ, [None], "STATUS")
-            listed = client._proc_folder_list(lists)
-            with contextlib.suppress(Exception):  # a garbled answer: STATUS per folder below
-                found = parse_response([item for item in statuses if item is not None])
-                for i in range(0, len(found) - 1, 2):
-                    key = found[i]
-                    status[str(key).encode() if isinstance(key, int) else bytes(key)] = found[i + 1]
+            answer = list_with_status(
+                client, wanted, namespace=bool(client.has_capability("NAMESPACE"))
+            )
+            namespace = _Namespace() if answer.personal is None else _namespace_of(*answer.personal)
+            listed, status = answer.folders, answer.status
         else:
             client.folder_encode = encode
             namespace = _personal_namespace(client)
@@ -205,29 +194,6 @@ class _Namespace:
 
     prefix: str = ""
     delimiter: str | None = None
-
-
-def _namespace_answer(client: IMAPClient, tag: Any) -> _Namespace:
-    """:func:`_personal_namespace` from the answer to a NAMESPACE command sent (pipelined)
-    with tag *tag* (None: not sent). Runs in a worker thread."""
-    if tag is None:
-        return _Namespace()
-    imap = client._imap
-    try:
-        typ, data = imap._command_complete("NAMESPACE", tag)
-        if typ != "OK":
-            return _Namespace()
-        _, answer = imap._untagged_response(typ, data, "NAMESPACE")
-        personal = parse_response([line for line in answer if line is not None])[0]
-        prefix, delimiter = personal[0] if personal else (b"", None)
-        prefix = imap_utf7.decode(prefix)
-        if isinstance(delimiter, bytes):
-            delimiter = delimiter.decode("utf-8", "replace")
-    except imaplib.IMAP4.abort:
-        raise
-    except (imaplib.IMAP4.error, ValueError, TypeError, IndexError, AttributeError):
-        return _Namespace()
-    return _namespace_of(prefix, delimiter)
 
 
 def _personal_namespace(client: IMAPClient) -> _Namespace:

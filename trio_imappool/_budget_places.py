@@ -21,6 +21,7 @@ import trio
 from ._budget_redis import RedisBudget
 from ._budget_scripts import GIVE_UP_AFTER, RENEW_RETRY, SERVER_CLOSE_WAIT, SHARE_EVERY
 from ._errors import BudgetUnavailableError
+from ._imap import socket_of
 
 if TYPE_CHECKING:
     from ._client import PooledClient
@@ -65,7 +66,7 @@ def _watch_socket(slot: PooledClient) -> socket.socket | None:
     if client is None or not hasattr(socket, "TCP_INFO"):
         return None
     try:
-        fd = client._imap.sock.fileno()
+        fd = socket_of(client).fileno()
         if fd < 0:
             return None
         return socket.socket(fileno=os.dup(fd))

@@ -183,6 +183,7 @@ class RedisBudget:
                 ("count", COUNT),
             )
         }
+        self._own_scripts: dict[str, Any] = {}
         self._limiter: trio.CapacityLimiter | None = None
         self._freed: dict[str, trio.Event] = {}
         self._ids = itertools.count(1)
@@ -245,10 +246,28 @@ class RedisBudget:
         return text.replace(self._secret, "***") if self._secret else text
 
     async def _call(self, script: str, keys: list[str], args: Sequence[str | int]) -> Any:
-        """Run one script in a worker thread; Redis errors become BudgetUnavailableError."""
+        """Run one of the budget's scripts in a worker thread; Redis errors become
+        BudgetUnavailableError."""
+        return await self._run(self._scripts[script], keys, args)
+
+    async def run_script(self, text: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run a Lua script of the caller's on the budget's Redis and return its answer.
+
+        For an application that keeps records of its own beside the budget, in the same Redis
+        and under the same timeout (``trio-imappool export --accounts`` keeps its claims so).
+        The script is registered once (EVALSHA after the first call). Runs in a worker thread;
+        a Redis that cannot be reached raises :class:`~trio_imappool.BudgetUnavailableError`,
+        whose message names the Redis without its password.
+        """
+        script = self._own_scripts.get(text)
+        if script is None:
+            script = self._own_scripts[text] = self._redis.register_script(text)
+        return await self._run(script, list(keys), args)
+
+    async def _run(self, script: Any, keys: list[str], args: Sequence[str | int]) -> Any:
         if self._limiter is None:
             self._limiter = trio.CapacityLimiter(8)
-        call: Callable[[], Any] = lambda: self._scripts[script](keys=keys, args=list(args))  # noqa: E731
+        call: Callable[[], Any] = lambda: script(keys=keys, args=list(args))  # noqa: E731
         try:
             # Not abandoned on cancel: the call is bounded by ``timeout``, and a script that
             # ran must be seen, or a place taken by it would stay taken until its lease ends.

@@ -208,8 +208,6 @@ async def _work(
     settings: Any,
     out: TextIO,
 ) -> int:
-    redis = budget._redis
-    claim, renew, finish = (redis.register_script(s) for s in (_CLAIM, _RENEW, _FINISH))
     owner = budget.new_place()
     lease_ms = int(budget.lease * 1000)
     done_key = f"trio-imappool:accounts:{run}:done"
@@ -218,19 +216,11 @@ async def _work(
     def claim_key(name: str) -> str:
         return f"trio-imappool:accounts:{run}:claim:{name}"
 
-    async def call(script: Any, keys: list[str], argv: list[Any]) -> Any:
-        try:
-            return await trio.to_thread.run_sync(lambda: script(keys=keys, args=argv))
-        except budget._redis_errors as exc:
-            raise BudgetUnavailableError(
-                f"the accounts' Redis at {budget.url} is unreachable: {type(exc).__name__}"
-            ) from None
-
     async def keep_claim(name: str, cancel: trio.CancelScope) -> None:
         while True:
             await trio.sleep(budget.lease / 3)
             try:
-                ours = await call(renew, [claim_key(name)], [owner, lease_ms])
+                ours = await budget.run_script(_RENEW, [claim_key(name)], [owner, lease_ms])
             except BudgetUnavailableError:
                 continue
             if not ours:  # another worker has it now: stop, it will finish the account
@@ -241,8 +231,9 @@ async def _work(
     while left:
         busy = False
         for name in sorted(left):
+            keys = [claim_key(name), done_key]
             try:
-                state = await call(claim, [claim_key(name), done_key], [name, owner, lease_ms])
+                state = await budget.run_script(_CLAIM, keys, [name, owner, lease_ms])
             except BudgetUnavailableError as exc:
                 print(f"{name}: {exc}; trying again", file=sys.stderr)
                 busy = True
@@ -278,7 +269,7 @@ async def _work(
                     raise
                 # Another worker is on it (a claim that lapsed): leave it to that one.
                 busy = True
-                await call(finish, [claim_key(name), done_key], [name, owner, 0])
+                await budget.run_script(_FINISH, keys, [name, owner, 0])
                 continue
             except Exception as exc:
                 kind, message = classify(exc)
@@ -289,7 +280,7 @@ async def _work(
                 if finished:
                     report = f"{name}: exported {result.messages_fetched} messages"
             if finished:
-                await call(finish, [claim_key(name), done_key], [name, owner, DONE_TTL])
+                await budget.run_script(_FINISH, keys, [name, owner, DONE_TTL])
                 left.discard(name)
                 # Reported once marked done: a worker killed after its line leaves no account
                 # for another worker to export (and report) again.

@@ -209,8 +209,9 @@ def _is_testing(module: str) -> bool:
 
 
 def _is_cli_demo(module: str) -> bool:
+    """``cli.demo``, ``cli._demo`` or a module inside either."""
     segments = _segments(module)
-    return len(segments) >= 2 and segments[0] == "cli" and segments[-1].lstrip("_") == "demo"
+    return segments[:1] == ["cli"] and any(s.lstrip("_") == "demo" for s in segments[1:])
 
 
 def _is_public(module: str) -> bool:

@@ -23,8 +23,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_imappool.testing import DovecotServer
-from trio_imappool.testing._proxy import (
+from trio_imappool.testing import (
+    DovecotServer,
     FaultProxy,
     ProxyStatistics,
     open_fault_proxy,

@@ -58,26 +58,18 @@ from ._dovecot import (
     find_dovecot,
     start_dovecot,
 )
-from ._proxy import (
-    FaultProxy,
-    ProxyStatistics,
-    ProxyThread,
-    open_fault_proxy,
-    start_proxy_thread,
-)
+from ._proxy import FaultProxy, ProxyStatistics, open_fault_proxy
+from ._proxy_thread import ProxyThread, start_proxy_thread
 from ._redis import RedisNotFoundError, RedisServer, find_redis, start_redis
 from ._scripted import (
     DEFAULT_CAPABILITIES,
-    ScriptedAccount,
-    ScriptedCommand,
-    ScriptedFolder,
-    ScriptedMessage,
     ScriptedServer,
-    ScriptedServerThread,
     ScriptedSession,
     open_scripted_server,
-    start_scripted_server_thread,
 )
+from ._scripted_account import ScriptedAccount, ScriptedFolder, ScriptedMessage
+from ._scripted_command import ScriptedCommand
+from ._scripted_thread import ScriptedServerThread, start_scripted_server_thread
 from ._seed import make_message, message_date, seed_folders
 
 __all__ = [

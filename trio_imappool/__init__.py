@@ -71,20 +71,12 @@ from ._version import __version__ as __version__
 
 if _typing.TYPE_CHECKING:
     from ._group import CredentialsProvider, GroupStatistics, PoolGroup, open_pool_group
-    from .exporter import (
-        ExportError,
-        ExportProgress,
-        ExportResult,
-        FolderFailure,
-        FolderNotFoundError,
-        FolderReport,
-        export_maildir,
-        local_folder_name,
-    )
 
 # Loaded on first use, so that a program that only pools connections (and the command line's
-# start-up) never imports them: the pool group, and the exporter (an application built on the
-# names above).
+# start-up) never imports them: the pool group, and the exporter. The exporter is an application
+# built on the names above, so this module does not import it, not even for type checkers (that
+# would be an import cycle): its names are typed where they live, in trio_imappool.exporter;
+# here they stay for programs written before it moved.
 _LAZY: dict[str, str] = {
     "CredentialsProvider": "_group",
     "GroupStatistics": "_group",
@@ -101,7 +93,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

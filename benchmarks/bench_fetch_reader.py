@@ -5,7 +5,7 @@ answers of ``UID FETCH 1:N (BODY.PEEK[] FLAGS)`` as Dovecot sends them (``--mess
 (20,000) of ``--size`` (2,000) bytes) are fed from memory to a real ``imaplib.IMAP4`` through a
 buffered stream in 64 KB reads, and read to the tagged completion and parsed, once through
 imaplib's own reader and imapclient's generic parser (what ``IMAPClient.fetch`` does), once
-through :class:`trio_imappool._fetch_reader.FetchReader`. Each is timed ``--rounds`` (5) times;
+through :class:`trio_imappool._imap.FetchReader`. Each is timed ``--rounds`` (5) times;
 the best is printed, per message, with the ratio.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trio_imappool._client import _fetch_responses
-from trio_imappool._fetch_reader import FetchReader
+from trio_imappool._imap import FetchReader
 
 
 class _Wire(imaplib.IMAP4):

@@ -31,8 +31,15 @@ from __future__ import annotations
 from ._config import check_wire_text
 from ._errors import connection_survives
 from ._fanout import DEFAULT_BATCH_SIZE
-from ._imap import Listing, list_with_status
-from ._sync_wire import FlagAnswer, FlagStep, fetch_flags, parse_flag_responses, parse_uid_set
+from ._imap import (
+    FlagAnswer,
+    FlagStep,
+    Listing,
+    fetch_flags,
+    list_with_status,
+    parse_flag_responses,
+    parse_uid_set,
+)
 from ._util import is_loopback, uid_set
 
 __all__ = [

@@ -27,7 +27,6 @@ import pytest
 import trio
 
 from trio_imappool import open_pool
-from trio_imappool._sync_wire import parse_flag_responses, parse_uid_set
 from trio_imappool.exporter import (
     STATE_NAME,
     ExportResult,
@@ -45,6 +44,7 @@ from trio_imappool.testing import (
     open_scripted_server,
     seed_folders,
 )
+from trio_imappool.wire import parse_flag_responses, parse_uid_set
 
 from .test_export import cli, flags_for, new_user, server_args
 

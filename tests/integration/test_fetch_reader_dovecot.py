@@ -8,7 +8,7 @@ from typing import Any
 from imapclient import IMAPClient
 
 from trio_imappool import open_pool
-from trio_imappool._fetch_reader import FetchReader
+from trio_imappool._imap import FetchReader
 from trio_imappool.testing import DovecotServer
 from trio_imappool.testing import seed_folders as _seed
 

@@ -20,8 +20,8 @@ queue by itself after :data:`WAITER_TTL`.
 
 **Waking.** A waiter asks again after a short adaptive poll: 2 ms after joining, then each wait
 half again as long, up to ``poll_max`` (25 ms by default). A place given back in the same process
-wakes that process's waiters at once. Measured on loopback (tests/test_budget.py): a waiter in
-another process takes a freed place within ``poll_max`` plus one round trip. Keyspace
+wakes that process's waiters at once. Measured on loopback (tests/integration/test_budget.py): a
+waiter in another process takes a freed place within ``poll_max`` plus one round trip. Keyspace
 notifications would need a server setting and a subscriber connection per process; a blocking
 pop on a per-key list wakes one waiter, not the one first in line; the poll costs one small
 script per waiter every 25 ms, which Redis serves in microseconds.

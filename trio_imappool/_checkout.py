@@ -77,10 +77,11 @@ class Checkouts:
         timeout = self.config.acquire_timeout if wait_limit is None else wait_limit
         deadline = trio.current_time() + timeout
         prefer = None if want is None else _selects(want)
+        now = deadline - timeout
         while True:
             if state.closed:
                 raise PoolClosedError(f"{self.config.name}: the pool is closed")
-            slot, actions = state.checkout(trio.current_time(), prefer)
+            slot, actions = state.checkout(now, prefer)
             self._apply(actions)
             if slot is None:
                 slot = await self._wait(timeout, deadline)
@@ -94,10 +95,12 @@ class Checkouts:
             assert slot.client is not None
             slot.client.restore_defaults()  # what a previous user changed through run_sync
             # Idle for long: make sure it still answers before handing it out.
-            check = state.needs_check(slot, trio.current_time())
+            now = trio.current_time()
+            check = state.needs_check(slot, now)
             if (check or want is not None) and not await self._prepare(
                 slot, check, want, deadline, timeout
             ):
+                now = trio.current_time()
                 continue
             self._closed_check(slot)  # closed during the check or the SELECT
             self._totals.acquires += 1

@@ -142,6 +142,9 @@ class Pool:
 
     def _apply(self, actions: Sequence[Action[PooledClient]]) -> None:
         """Carry out *actions*, closes first (they give places back), and publish the counts."""
+        if not actions:  # the common case: a checkout or a release that needs nothing else
+            self._publish()
+            return
         limiter = self._size_limiter
         for action in actions:
             if isinstance(action, Close):

@@ -307,7 +307,7 @@ class PoolState(Generic[C]):
         if self.in_use.get(conn) != "logout":
             raise RuntimeError(f"connection #{conn.number} logged out twice")
         del self.in_use[conn]
-        return [Close(conn, discarded=False), *self._want(now)]
+        return [*self._drop(conn, discarded=False), *self._want(now)]
 
     def _give(self, conn: C, now: float) -> list[Action[C]]:
         """Hand a usable connection to the first waiter, or make it idle."""

@@ -37,8 +37,8 @@ from trio_imappool._state import (
     Open,
     PoolState,
     Sizing,
-    Wake,
     Waiter,
+    Wake,
 )
 
 
@@ -488,7 +488,7 @@ class PoolStateMachine(RuleBasedStateMachine):
         state = self.w.state
         if state.closed:
             return
-        options = [c.selected for c in state.idle][:3] + [None, *FOLDERS]
+        options = [*[c.selected for c in state.idle][:3], None, *FOLDERS]
         folder = options[choice % len(options)]
         prefer = None if folder is None else (lambda c: c.selected == folder)
         conn, actions = state.checkout(self.w.now, prefer)

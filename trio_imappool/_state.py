@@ -283,8 +283,13 @@ class PoolState(Generic[C]):
         """Take *conn* back from a task or from the pool's own work: to the first waiter or
         idle, or to a reset (it has a folder selected and the pool unselects on release), a
         LOGOUT (past its lifetime) or closed (broken, stale, pool closed)."""
-        if self.in_use.pop(conn) == "logout":
-            raise RuntimeError(f"connection #{conn.number} released during its LOGOUT")
+        why = self.in_use.get(conn)
+        if why is None or why == "logout":
+            raise RuntimeError(
+                f"{self.sizing.name}: internal error: connection #{conn.number} released "
+                + ("twice" if why is None else "during its LOGOUT")
+            )
+        del self.in_use[conn]
         conn.last_used = now
         reset = self._returned(conn)
         actions: list[Action[C]] = []

@@ -414,6 +414,15 @@ def test_min_size_is_opened_without_waiters() -> None:
     assert len(w.state.idle) == 2 and w.state.opening == {}
 
 
+def test_a_second_release_raises_instead_of_corrupting_the_state() -> None:
+    w = world(max_size=2)
+    (conn,) = w.warm(1)
+    w.release(conn)
+    with pytest.raises(RuntimeError, match="released twice"):
+        w.state.release(conn, w.now)
+    assert list(w.state.idle) == [conn] and w.state.size == 1
+
+
 # -- random sequences ---------------------------------------------------------------------------
 
 FOLDERS = ("INBOX", "Archive")

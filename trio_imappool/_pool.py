@@ -177,13 +177,11 @@ class Pool:
             slot.global_token = False
 
     def _publish(self) -> None:
-        state, queued = self._state, self._queued
+        state = self._state
+        idle, in_use, opening = len(state.idle), len(state.in_use), len(state.opening)
+        opening -= self._openers.queued + self._queued_budget  # not connections yet
         self.counts.value = PoolCounts(
-            state.size - queued,
-            len(state.idle),
-            len(state.in_use),
-            len(state.opening) - queued,
-            len(state.waiters),
+            idle + in_use + opening, idle, in_use, opening, len(state.waiters)
         )
 
     async def _housekeep(self, slot: PooledClient, what: str) -> None:

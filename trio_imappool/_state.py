@@ -448,8 +448,8 @@ class PoolState(Generic[C]):
 
     def _want(self, now: float) -> list[Action[C]]:
         """Start openers if tasks wait or min_size is not met."""
-        if self.closed:
-            return []
+        if self.closed or (not self.waiters and self.size >= self.sizing.min_size):
+            return []  # the common case, first
         wanted = self.demand()
         if wanted <= 0:
             return []

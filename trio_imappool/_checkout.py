@@ -116,7 +116,10 @@ class Checkouts:
         self._apply(self._state.checkout_ended(slot, trio.current_time()))
 
     def command_ended(self, slot: PooledClient) -> None:
-        self._apply(self._state.command_ended(slot, trio.current_time()))
+        """A command on *slot* ended: it comes back if its checkout ended meanwhile."""
+        actions = self._state.command_ended(slot, trio.current_time())
+        if actions is not None:
+            self._apply(actions)
 
     def _closed_check(self, slot: PooledClient) -> None:
         if self._state.closed:

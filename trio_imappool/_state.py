@@ -271,11 +271,12 @@ class PoolState(Generic[C]):
             return []
         return self.release(conn, now)
 
-    def command_ended(self, conn: C, now: float) -> list[Action[C]]:
-        """A command on *conn* ended; releases it if its checkout ended meanwhile."""
+    def command_ended(self, conn: C, now: float) -> list[Action[C]] | None:
+        """A command on *conn* ended; releases it if its checkout ended meanwhile (else
+        returns None: nothing changed, the checkout goes on)."""
         conn.busy = False
         if not conn.release_when_done:
-            return []
+            return None
         conn.release_when_done = False
         return self.release(conn, now)
 

@@ -338,7 +338,7 @@ def test_a_checkout_ended_while_a_shared_command_runs_releases_it_when_the_comma
     conn.busy = True  # another task runs a command on the checkout
     assert w.release(conn) == []
     assert conn in w.state.in_use and waiter.conn is None and conn.release_when_done
-    w.do(w.state.command_ended(conn, w.now))
+    w.do(w.state.command_ended(conn, w.now) or [])
     assert waiter.conn is conn and not conn.busy and not conn.release_when_done
 
 
@@ -562,7 +562,7 @@ class PoolStateMachine(RuleBasedStateMachine):
             conn.broken = "EOF"
         if conn in self.orphans:
             self.orphans.remove(conn)
-        self.do(self.w.state.command_ended(conn, self.w.now))
+        self.do(self.w.state.command_ended(conn, self.w.now) or [])
 
     @precondition(lambda self: self.held)
     @rule(index=st.integers(0, 10))

@@ -14,7 +14,6 @@ from ._errors import ReleasedConnectionError
 
 if TYPE_CHECKING:
     from ._commands import IMAPCommands
-    from ._pool import Pool
 
 __all__ = ["COMMANDS", "Connection"]
 
@@ -85,17 +84,29 @@ class Connection:
     selected (see :class:`~trio_imappool.Pool` for what you may assume).
     """
 
-    __slots__ = ("_pool", "_slot")
+    __slots__ = ("_command_ended", "_name", "_slot", "_threads")
 
-    def __init__(self, pool: Pool, slot: PooledClient) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        slot: PooledClient,
+        name: str,
+        thread_limiter: trio.CapacityLimiter,
+        command_ended: Callable[[PooledClient], None],
+    ) -> None:
+        """Made by the pool's checkout: *slot* is the connection, *name* the pool's name,
+        *thread_limiter* the pool's limiter for worker threads, and *command_ended* is called
+        after every command (the pool takes the connection back then if its checkout ended
+        while the command ran)."""
         self._slot: PooledClient | None = slot
+        self._name = name
+        self._threads = thread_limiter
+        self._command_ended = command_ended
 
     def __repr__(self) -> str:
         slot = self._slot
         if slot is None:
             return "<Connection (released)>"
-        return f"<Connection #{slot.number} of {self._pool.config.name} {slot!r}>"
+        return f"<Connection #{slot.number} of {self._name} {slot!r}>"
 
     def _live(self) -> PooledClient:
         slot = self._slot
@@ -151,14 +162,11 @@ class Connection:
             )
         slot.busy = True
         try:
-            return await slot.run(self._pool._thread_limiter, fn, slot.client, *args)
+            return await slot.run(self._threads, fn, slot.client, *args)
         finally:
-            slot.busy = False
-            if slot.release_when_done:
-                # The checkout ended while this command ran (the block's task shared the
-                # connection with this one): now nobody uses it, so it goes back.
-                slot.release_when_done = False
-                self._pool._release(slot)
+            # Not busy any more; back to the pool if the checkout ended meanwhile (the
+            # block's task shared the connection with this one).
+            self._command_ended(slot)
 
     async def _command(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await self.run_sync(_call_method, name, args, kwargs)

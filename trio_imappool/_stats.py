@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-__all__ = ["AsyncCounts", "PoolCounts", "PoolStatistics"]
+if TYPE_CHECKING:
+    from ._config import PoolConfig
+    from ._state import PoolState
+
+__all__ = ["AsyncCounts", "PoolCounts", "PoolStatistics", "Totals"]
 
 
 class PoolCounts(NamedTuple):
@@ -93,6 +97,50 @@ class PoolStatistics:
         return (
             f"size={self.size}/{self.max_size} idle={self.idle} in_use={self.in_use} "
             f"opening={self.opening} waiting={self.waiting}"
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class Totals:
+    """The driver's running totals (the state keeps those of its own decisions)."""
+
+    acquires: int = 0
+    acquire_waits: int = 0
+    acquire_timeouts: int = 0
+    noop_checks: int = 0
+    keepalives: int = 0
+    selects: int = 0
+    selects_saved: int = 0
+
+    def snapshot(
+        self, config: PoolConfig, counts: PoolCounts, state: PoolState[Any], queued: int
+    ) -> PoolStatistics:
+        """The :class:`PoolStatistics` of a pool with these totals, counts and state."""
+        last = state.last_error
+        return PoolStatistics(
+            name=config.name,
+            min_size=config.min_size,
+            max_size=config.max_size,
+            size=counts.size,
+            idle=counts.idle,
+            in_use=counts.in_use,
+            opening=counts.opening,
+            waiting=counts.waiting,
+            closed=state.closed,
+            acquires=self.acquires,
+            acquire_waits=self.acquire_waits,
+            acquire_timeouts=self.acquire_timeouts,
+            connections_opened=state.opened_count,
+            connections_discarded=state.discarded_count,
+            connections_closed=state.closed_count,
+            open_failures=state.failed_count,
+            last_open_error=str(last) if last else None,
+            effective_max_size=state.limit,
+            noop_checks=self.noop_checks,
+            keepalives=self.keepalives,
+            selects=self.selects,
+            selects_saved=self.selects_saved,
+            queued=queued,
         )
 
 

@@ -414,9 +414,8 @@ class PoolModel(RuleBasedStateMachine):
 
 
 def _idle_connections(pool: Pool) -> list[Any]:
-    """The connections in the pool's idle channel, in order (read without taking them)."""
-    state = pool._idle_recv._state
-    return list(state.data)
+    """The pool's idle connections, in order (read without taking them)."""
+    return list(pool._state.idle)
 
 
 @pytest.mark.timeout(600)

@@ -56,7 +56,7 @@ waiting; it is about (read timeout - deadline) over the pool's latency, there fo
 as a target. The targets are judged on the maximum, because a pool that is usually prompt but
 sometimes waits out a read timeout is not prompt. The recovery time is set by the pool's
 backoff between failed opens (``BACKOFF_FIRST`` doubling up to ``BACKOFF_CAP`` in
-``trio_imappool/_pool.py``, times a jitter in [0.5, 1)): after a second of outage the attempts
+``trio_imappool/_state.py``, times a jitter in [0.5, 1)): after a second of outage the attempts
 are 0.25 to 0.5 s apart, so the pool is back within about half a second of the server plus one
 connect and login, anywhere in that range from one restart to the next. With ``--check`` the
 script exits with status 1 when a target or a check is missed (otherwise always 0: it is a

@@ -26,6 +26,7 @@ from ._imap import socket_of
 if TYPE_CHECKING:
     from ._client import PooledClient
     from ._config import PoolConfig
+    from ._stats import AsyncCounts
 
 __all__ = ["BudgetedPool", "PoolPlaces"]
 
@@ -33,31 +34,29 @@ logger = logging.getLogger("trio_imappool")
 
 
 class BudgetedPool(Protocol):
-    """What :class:`PoolPlaces` uses of its pool (:class:`~trio_imappool.Pool` has it): the
-    count of openers queued for a place, the idle connections, and the demand for more."""
-
-    _queued: int
+    """What :class:`PoolPlaces` uses of its pool (:class:`~trio_imappool.Pool` has it): its
+    settings and counts, the openers queued for a place, the demand for more connections, and
+    a way to close idle connections."""
 
     @property
     def config(self) -> PoolConfig: ...
 
     @property
-    def _closed(self) -> bool: ...
+    def closed(self) -> bool: ...
 
     @property
-    def _idle(self) -> int: ...
+    def counts(self) -> AsyncCounts: ...
 
-    def _publish(self) -> None: ...
+    @property
+    def _queued(self) -> int: ...
+
+    def _budget_wait(self, change: int) -> None: ...
 
     def _demand(self) -> int: ...
 
     def close_idle(self, count: int = 1) -> int: ...
 
-    def _take_all_idle(self) -> list[PooledClient]: ...
-
-    def _drop(self, slot: PooledClient, *, discarded: bool) -> None: ...
-
-    def _put_back(self, slots: list[PooledClient]) -> None: ...
+    def _close_broken_idle(self) -> None: ...
 
 
 def _watch_socket(slot: PooledClient) -> socket.socket | None:
@@ -120,15 +119,14 @@ class PoolPlaces:
             return True
         place = self.budget.new_place()
         pool = self._pool
-        pool._queued += 1
-        pool._publish()
+        pool._budget_wait(+1)
         unneeded_since: float | None = None
 
         def give_up() -> bool:
             # Not at the first moment without demand: checkouts with short deadlines come and
             # go, and an opener that left the queue would lose its turn to other processes.
             nonlocal unneeded_since
-            if pool._closed:
+            if pool.closed:
                 return True
             if pool._demand() >= 0:
                 unneeded_since = None
@@ -141,8 +139,7 @@ class PoolPlaces:
         try:
             held = await self.budget.acquire(place, key=self.key, give_up=give_up)
         finally:
-            pool._queued -= 1
-            pool._publish()
+            pool._budget_wait(-1)
         if held:
             self._places[slot] = place
         return held
@@ -227,8 +224,9 @@ class PoolPlaces:
             others = waiting - pool._queued  # our own openers wait in the same queue
             if others <= 0:
                 continue
-            if pool._idle:
-                pool.close_idle(min(others, pool._idle))
+            idle = pool.counts.value.idle
+            if idle:
+                pool.close_idle(min(others, idle))
                 continue
             now = trio.current_time()
             opened = [slot for slot in self._places if slot.number and slot.expires_at > now]
@@ -249,11 +247,4 @@ class PoolPlaces:
         for slot in slots:
             self._places.pop(slot, None)
             slot.broken = slot.broken or "lost its place in the connection budget"
-        keep: list[PooledClient] = []
-        for slot in pool._take_all_idle():
-            if slot.broken is None:
-                keep.append(slot)
-            else:
-                pool._drop(slot, discarded=True)
-        pool._put_back(keep)
-        pool._publish()
+        pool._close_broken_idle()

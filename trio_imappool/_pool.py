@@ -344,7 +344,7 @@ class Pool:
     @property
     def closed(self) -> bool:
         """Whether :meth:`aclose` has been called (or the ``open_pool`` block has ended)."""
-        return self._closed
+        return self._state.closed
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.
@@ -377,38 +377,31 @@ class Pool:
                 await slot.wait_thread_done()
         self._orphans = [slot for slot in self._orphans if slot.thread_running]
 
-    # -- what PoolPlaces (_budget) uses ----------------------------------------------------------
+    # -- what PoolPlaces (the Redis budget) uses: BudgetedPool in _budget_places.py -----------
 
     @property
     def _queued(self) -> int:
         """Openers waiting for a place under a shared cap or budget: not connections."""
         return self._openers.queued + self._queued_budget
 
-    @_queued.setter
-    def _queued(self, value: int) -> None:  # PoolPlaces counts its own waits
-        self._queued_budget = value - self._openers.queued
-
-    @property
-    def _closed(self) -> bool:
-        return self._state.closed
-
-    @property
-    def _idle(self) -> int:
-        return len(self._state.idle)
+    def _budget_wait(self, change: int) -> None:
+        """An opener starts (+1) or stops (-1) waiting for a place in the budget."""
+        self._queued_budget += change
+        self._publish()
 
     def _demand(self) -> int:
+        """Connections wanted beyond those open and opening (negative: more than wanted)."""
         return self._state.demand()
 
-    def _take_all_idle(self) -> list[PooledClient]:
-        """The idle connections (they stay idle: close one with :meth:`_drop`)."""
-        return list(self._state.idle)
+    def _close_broken_idle(self) -> None:
+        """Close now, without LOGOUT, the idle connections marked broken."""
+        self._apply(
+            self._state.drop_idle(trio.current_time(), lambda conn: conn.broken is not None)
+        )
 
-    def _drop(self, slot: PooledClient, *, discarded: bool = True) -> None:
-        """Close an idle connection now, without LOGOUT."""
-        self._apply(self._state.drop_idle(trio.current_time(), lambda conn: conn is slot))
 
-    def _put_back(self, slots: list[PooledClient]) -> None:
-        """Nothing to do: :meth:`_take_all_idle` takes nothing out."""
+def _is_broken(conn: PooledClient) -> bool:
+    return conn.broken is not None
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ from ._util import is_loopback
 if TYPE_CHECKING:
     import trio
 
-    from ._budget import RedisBudget
+    from ._budget_redis import RedisBudget
 
 __all__ = [
     "AccountOptions",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_imappool import FanOutError, fetch_many
-from trio_imappool.wire import connection_survives, uid_set
+from trio_imappool.wire import ByteSemaphore, connection_survives, message_size, uid_set
 
 from ._base import (
     _FETCH_ITEMS,
@@ -106,8 +106,12 @@ class _Run:
         folders: Sequence[_Folder],
         fsync: bool,
         progress: Callable[[ExportProgress], object] | None,
+        memory_budget: int | None = None,
     ) -> None:
         self.by_name = {f.server.name: f for f in folders}
+        self.memory_budget = memory_budget
+        # Bytes of the messages being fetched, queued and written (a round's own).
+        self.budget: ByteSemaphore | None = None
         self.fsync = fsync
         self.progress_fn = progress
         self.skipped = 0
@@ -130,6 +134,8 @@ class _Run:
                 folder.whole = folder.spec == "ALL" and (folder.whole or not folder.searched)
                 folder.searched = True
         self.totals = (len(chosen), sum(f.expected for f in chosen))
+        if self.memory_budget is not None:
+            self.budget = ByteSemaphore(self.memory_budget)
         self.folders_handed = max(self.folders_handed, len(chosen))
         self.folders_done = 0
         return chosen
@@ -165,6 +171,8 @@ class _Run:
                         )
                     except OSError as exc:
                         raise ExportError(f"cannot write to {batch[0].folder.path}: {exc}") from exc
+                    if self.budget is not None:  # written: their memory is free again
+                        self.budget.release(sum(item.size for item in batch))
                     for item in batch:
                         item.folder.exported.add(item.uid)
                         item.folder.fetched += 1
@@ -194,19 +202,28 @@ class _Run:
                     _FETCH_ITEMS,
                     batch_size=batch_size,
                     max_connections=max_connections,
+                    max_bytes=self.budget,
                 ) as results,
             ):
+                budget = self.budget
                 async for name, uid, data in results:
                     folder = self.by_name[name]
                     body = data.get(b"BODY[]")
+                    # Ours to release once written (the budget covers the writers' queue).
+                    size = message_size(data) if budget is not None else 0
                     if not isinstance(body, bytes):  # BODY[] NIL, or no BODY[] at all
                         self.skipped += 1
+                        if budget is not None:
+                            budget.release(size)
                         continue
                     folder.received.add(uid)
                     if uid in folder.exported:
                         self.skipped += 1
+                        if budget is not None:
+                            budget.release(size)
                         continue
-                    item = _Pending(folder, uid, body, maildir_flags(data.get(b"FLAGS", ())))
+                    flags = maildir_flags(data.get(b"FLAGS", ()))
+                    item = _Pending(folder, uid, body, flags, size)
                     try:
                         send.send_nowait(item)
                     except trio.WouldBlock:

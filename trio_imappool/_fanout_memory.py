@@ -1,0 +1,151 @@
+"""A fetch's memory, bounded in bytes: the sizes asked first, and the bytes of each batch
+reserved before it is sent and released once its messages have been handed on.
+
+With a memory budget, :func:`~trio_imappool.fetch_many` asks every folder's message sizes
+first (``UID FETCH <uids> (RFC822.SIZE)``, the folders of a task pipelined in one round trip,
+see :meth:`~trio_imappool._fanout_engine.FanOut`), cuts the batches by bytes as well as by
+count, and holds each batch's planned bytes on a
+:class:`~trio_imappool._byte_semaphore.ByteSemaphore` from before its FETCH is sent until its
+messages are handed on. A size is only a plan: when a batch arrives, what it holds is
+accounted at the real size of its messages (the literals' lengths), the difference given back
+or taken on top (:meth:`ByteSemaphore.force`), so that a server whose RFC822.SIZE lies can
+overshoot the budget by its lie for one batch, never for long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+from imapclient import IMAPClient
+
+from ._byte_semaphore import ByteSemaphore
+from ._client import PipelinedFetch, TrackingClient
+from ._fanout_plan import Work
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._fanout_engine import Cursor
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "FetchMemory", "message_size", "run_sizes"]
+
+#: The memory budget of ``trio-imappool export`` unless told otherwise: 64 MiB.
+DEFAULT_MEMORY_BUDGET = 64 * 1024 * 1024
+
+# How much of the budget one batch may plan to take: the budget over the batches that can be
+# in flight at once (two per task, pipelined), so that every task has work.
+_BATCHES_PER_TASK = 2
+
+
+def message_size(data: Mapping[bytes, Any]) -> int:
+    """The bytes a fetched message holds, as a memory budget counts them: the total length of
+    its byte strings (``BODY[]``, headers, ``RFC822``...), other items not counted."""
+    return sum(len(value) for value in data.values() if isinstance(value, bytes))
+
+
+def batch_bytes(budget: ByteSemaphore, workers: int) -> int:
+    """The bytes one batch may plan to take (at least 1)."""
+    return max(1, budget.total // (_BATCHES_PER_TASK * workers))
+
+
+class FetchMemory:
+    """What one fetch holds on its budget, so that it can all be given back at the end.
+
+    Args:
+        budget: The semaphore the batches reserve on.
+        owned: Whether the fetch releases a message's bytes when the caller asks for the next
+            one (the budget is the fetch's own); else the caller releases them.
+    """
+
+    def __init__(self, budget: ByteSemaphore, *, owned: bool) -> None:
+        self.budget = budget
+        self.owned = owned
+        #: Bytes reserved or fetched and not handed on yet.
+        self.held = 0
+        # Bytes of the messages handed on and not released yet (own budget only).
+        self._handed = 0
+
+    @staticmethod
+    def _needs(work: Work) -> bool:
+        return work.search is None and not work.sizing
+
+    async def reserve(self, work: Work) -> None:
+        """Wait for *work*'s planned bytes. **Cancellation**: a checkpoint; nothing taken."""
+        if self._needs(work):
+            await self.budget.acquire(work.nbytes)
+            self.held += work.nbytes
+
+    def reserve_nowait(self, work: Work) -> bool:
+        """Take *work*'s planned bytes if free now (True), else nothing (False)."""
+        if self._needs(work):
+            try:
+                self.budget.acquire_nowait(work.nbytes)
+            except trio.WouldBlock:
+                return False
+            self.held += work.nbytes
+        return True
+
+    def settle(self, planned: int, real: int) -> None:
+        """A batch planned at *planned* bytes came with *real* bytes of messages: account
+        the real size."""
+        if real < planned:
+            self.budget.release(planned - real)
+        elif real > planned:
+            self.budget.force(real - planned)
+        self.held += real - planned
+
+    def hand_on(self, size: int) -> None:
+        """A message of *size* bytes goes to the caller."""
+        self.held -= size
+        if self.owned:
+            self._handed += size
+
+    def handed_on(self) -> None:
+        """The caller asks for the next message: the ones before are no longer ours."""
+        if self._handed:
+            self.budget.release(self._handed)
+            self._handed = 0
+
+    def close(self) -> None:
+        """Give back everything the fetch still holds (the fetch is over). Synchronous."""
+        self.handed_on()
+        if self.held:
+            self.budget.release(self.held)
+            self.held = 0
+
+
+def _sizes(fetched: Mapping[int, Mapping[bytes, Any]]) -> dict[int, int]:
+    sizes = {}
+    for uid, data in fetched.items():
+        size = data.get(b"RFC822.SIZE")
+        # A size that is not a number plans nothing; the literal will tell the truth.
+        sizes[uid] = size if isinstance(size, int) and not isinstance(size, bool) else 0
+    return sizes
+
+
+def fetch_sizes(
+    client: IMAPClient, steps: list[tuple[str, Any]], reading: list[int]
+) -> list[PipelinedFetch]:
+    """In a worker thread: each folder's EXAMINE and ``UID FETCH (RFC822.SIZE)``, sent at
+    once, then read."""
+    assert isinstance(client, TrackingClient)
+    return client.fetch_pipelined(steps, ["RFC822.SIZE"], reading, ())
+
+
+async def run_sizes(
+    conn: Connection, works: list[Work], cursor: Cursor
+) -> list[dict[int, int] | PipelinedFetch]:
+    """The sizes of the works' UIDs, each folder's EXAMINE and ``UID FETCH (RFC822.SIZE)``
+    pipelined: one round trip. A NO or BAD comes back as the failed :class:`PipelinedFetch`."""
+    steps = [(work.folder, work.uids) for work in works]
+    reading = [0]
+    try:
+        outcomes = await conn.run_sync(fetch_sizes, steps, reading)
+    except Exception:
+        cursor.work = works[reading[0]]
+        cursor.step = "command"
+        raise
+    return [
+        _sizes(outcome.fetched) if outcome.fetched is not None else outcome for outcome in outcomes
+    ]

@@ -178,8 +178,6 @@ class FanOut:
             progress=self.tracker,
             batch_bytes=batch_bytes,
         )
-        # Folders a task sizes in one round trip: the first ones spread over the tasks.
-        self._sizing_share = max(1, -(-self.plan.sizing_left // workers))
         self.error: FanOutError | None = None
         self._error_reported = False
         self._cancel_scope = trio.CancelScope()
@@ -338,12 +336,10 @@ class FanOut:
         return works[-1]
 
     async def _size(self, conn: Connection, work: Work, cursor: Cursor) -> Work:
-        """Ask the sizes of *work*'s folder and of more folders waiting to be sized, in one
-        round trip, and plan their batches. Returns the last work run."""
+        """Ask the sizes of *work*'s folder and of its companions, in one round trip, and plan
+        their batches. Returns the last work run."""
         assert self._run_sizes is not None
-        works = [work]
-        while len(works) < self._sizing_share and (extra := self.plan.take_sizing()):
-            works.append(extra)
+        works = [work, *work.companions]
         outcomes = await self._run_sizes(conn, works, cursor)
         for done, outcome in zip(works, outcomes, strict=True):
             cursor.work = done

@@ -158,10 +158,23 @@ class Work:
     nbytes: int = 0
     #: Ask the sizes of *uids* (RFC822.SIZE), to plan the folder's batches by bytes.
     sizing: bool = False
+    #: Other folders to size in the same round trip (taken with this one).
+    companions: list[Work] = dataclasses.field(default_factory=list)
 
 
 #: Every UID there can be (``1:4294967295``): the sizes of a whole folder in one FETCH.
 ALL_UIDS: Final = range(1, 2**32)
+
+#: Sizes asked in one round trip, about: a task takes folders to size until they hold this
+#: many UIDs (parsing the answers is the cost; a connection is opened or found meanwhile for
+#: the next), so that a few folders cost one round trip and a huge mailbox is spread.
+SIZES_PER_TRIP: Final = 5000
+# What a folder sized as "ALL" (its count unknown) weighs.
+_ALL_WEIGHT: Final = 1000
+
+
+def _sizing_weight(work: Work) -> int:
+    return _ALL_WEIGHT if work.uids is ALL_UIDS else len(work.uids)
 
 
 def cut_by_bytes(
@@ -266,8 +279,7 @@ class FanOutPlan:
         if queue:
             work = queue.popleft()
         elif self._sizing and searches:
-            work = self._sizing.popleft()
-            self._sizing_run += 1
+            work = self._take_sizing()
         elif self._searches and searches:
             work = self._searches.popleft()
             self._searching += 1
@@ -282,19 +294,18 @@ class FanOutPlan:
         self._busy[work.folder] += 1
         return work
 
-    def take_sizing(self) -> Work | None:
-        """Another folder to size, to send with the one a task is sizing; None if none."""
-        if not self._sizing:
-            return None
+    def _take_sizing(self) -> Work:
+        """The next folder to size, with as many more (its ``companions``) as one round trip
+        should carry (:data:`SIZES_PER_TRIP`)."""
         work = self._sizing.popleft()
-        self._sizing_run += 1
-        self._busy[work.folder] += 1
+        weight = _sizing_weight(work)
+        while self._sizing and weight + _sizing_weight(self._sizing[0]) <= SIZES_PER_TRIP:
+            extra = self._sizing.popleft()
+            weight += _sizing_weight(extra)
+            work.companions.append(extra)
+            self._busy[extra.folder] += 1
+        self._sizing_run += 1 + len(work.companions)
         return work
-
-    @property
-    def sizing_left(self) -> int:
-        """Folders waiting to be sized."""
-        return len(self._sizing)
 
     def put_back(self, work: Work) -> None:
         """Undo :meth:`take` for a batch a task cannot run now (no memory for it yet)."""

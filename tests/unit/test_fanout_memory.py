@@ -4,9 +4,13 @@ every folder sized before its batches are planned, and the accounting of what a 
 
 from __future__ import annotations
 
+import types
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_imappool import fetch_many
 from trio_imappool._byte_semaphore import ByteSemaphore
 from trio_imappool._fanout_memory import FetchMemory, batch_bytes, message_size
 from trio_imappool._fanout_plan import ALL_UIDS, FanOutPlan, Search, Work, cut_by_bytes
@@ -66,12 +70,11 @@ def make_plan(folders: dict[str, object]) -> tuple[FanOutPlan, ProgressCounter]:
 
 def test_every_folder_is_sized_before_its_batches_and_all_needs_no_probe() -> None:
     plan, counter = make_plan({"INBOX": [1, 2, 3, 4], "Archive": "ALL", "Empty": []})
-    assert plan.sizing_left == 2  # an empty UID list needs no sizes
     first = plan.take(None)
     assert first is not None and first.sizing and first.folder == "INBOX"
-    second = plan.take_sizing()
-    assert second is not None and second.uids is ALL_UIDS and not second.probe
-    assert plan.take_sizing() is None
+    (second,) = first.companions  # one round trip; an empty UID list needs no sizes
+    assert second.uids is ALL_UIDS and not second.probe
+    assert plan.take(None) is None
     assert not plan.finished()
     plan.sized(first, {1: 60, 2: 60, 3: 10, 4: 10})
     plan.finish(first)
@@ -87,6 +90,16 @@ def test_every_folder_is_sized_before_its_batches_and_all_needs_no_probe() -> No
     assert inbox == [([1], 60), ([2, 3, 4], 80)]
     assert [list(w.uids) for w in works if w.folder == "Archive"] == [[7, 9]]
     assert counter.snapshot().messages_total == 6
+
+
+def test_a_round_trip_carries_sizes_of_about_5000_messages() -> None:
+    plan, _ = make_plan({f"F{i}": list(range(1, 2001)) for i in range(5)})
+    first = plan.take(None)
+    assert first is not None and len(first.companions) == 1  # 4,000 UIDs
+    second = plan.take(None)
+    assert second is not None and len(second.companions) == 1
+    third = plan.take(None)
+    assert third is not None and third.companions == [] and plan.take(None) is None
 
 
 def test_a_searched_folder_is_sized_after_its_search() -> None:
@@ -148,3 +161,10 @@ async def test_a_callers_budget_keeps_what_was_handed_on() -> None:
     memory.hand_on(30)
     memory.close()
     assert budget.in_use == 30  # the caller releases it once written
+
+
+def test_fetch_many_refuses_a_budget_that_is_not_a_positive_int() -> None:
+    pool = types.SimpleNamespace(config=types.SimpleNamespace(max_size=2))
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="byte budget"):
+            fetch_many(pool, {"INBOX": [1]}, "FLAGS", max_bytes=bad)  # type: ignore[arg-type]

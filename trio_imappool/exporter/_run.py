@@ -162,6 +162,7 @@ class _Run:
             async with receive:
                 async for first in receive:
                     batch = [first]
+                    del first  # below, nothing keeps a message alive once it is written
                     with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                         while len(batch) < _WRITE_BATCH:
                             batch.append(receive.receive_nowait())
@@ -171,17 +172,40 @@ class _Run:
                         )
                     except OSError as exc:
                         raise ExportError(f"cannot write to {batch[0].folder.path}: {exc}") from exc
-                    if self.budget is not None:  # written: their memory is free again
-                        self.budget.release(sum(item.size for item in batch))
-                    for item in batch:
-                        item.folder.exported.add(item.uid)
-                        item.folder.fetched += 1
-                        item.folder.bytes += len(item.body)
-                        self.messages += 1
-                        self.bytes += len(item.body)
+                    self._written(batch)
+                    batch.clear()
                     self.report()
         except Exception as exc:
             self.fail(exc, scope)
+
+    def _written(self, batch: Sequence[_Pending]) -> None:
+        """Count a batch written; its memory is free again."""
+        if self.budget is not None:
+            self.budget.release(sum(item.size for item in batch))
+        for item in batch:
+            item.folder.exported.add(item.uid)
+            item.folder.fetched += 1
+            item.folder.bytes += len(item.body)
+            self.messages += 1
+            self.bytes += len(item.body)
+
+    def _pending(self, name: str, uid: int, data: dict[bytes, Any]) -> _Pending | None:
+        """A fetched message to write, or None (nothing to write: it is released)."""
+        folder = self.by_name[name]
+        body = data.get(b"BODY[]")
+        budget = self.budget
+        # Ours to release once written (the budget covers the writers' queue).
+        size = message_size(data) if budget is not None else 0
+        if not isinstance(body, bytes) or uid in folder.exported:
+            # BODY[] NIL or no BODY[] at all; or already here.
+            self.skipped += 1
+            if isinstance(body, bytes):
+                folder.received.add(uid)
+            if budget is not None:
+                budget.release(size)
+            return None
+        folder.received.add(uid)
+        return _Pending(folder, uid, body, maildir_flags(data.get(b"FLAGS", ())), size)
 
     async def fetch(
         self,
@@ -205,29 +229,17 @@ class _Run:
                     max_bytes=self.budget,
                 ) as results,
             ):
-                budget = self.budget
                 async for name, uid, data in results:
-                    folder = self.by_name[name]
-                    body = data.get(b"BODY[]")
-                    # Ours to release once written (the budget covers the writers' queue).
-                    size = message_size(data) if budget is not None else 0
-                    if not isinstance(body, bytes):  # BODY[] NIL, or no BODY[] at all
-                        self.skipped += 1
-                        if budget is not None:
-                            budget.release(size)
-                        continue
-                    folder.received.add(uid)
-                    if uid in folder.exported:
-                        self.skipped += 1
-                        if budget is not None:
-                            budget.release(size)
-                        continue
-                    flags = maildir_flags(data.get(b"FLAGS", ()))
-                    item = _Pending(folder, uid, body, flags, size)
-                    try:
-                        send.send_nowait(item)
-                    except trio.WouldBlock:
-                        await send.send(item)
+                    item = self._pending(name, uid, data)
+                    # The message is the item's now: nothing here keeps it alive while the
+                    # next one comes, once it is written.
+                    del data
+                    if item is not None:
+                        try:
+                            send.send_nowait(item)
+                        except trio.WouldBlock:
+                            await send.send(item)
+                        del item
                     done = results.progress.folders_done
                     if done != self.folders_done:
                         self.report(done)

@@ -207,20 +207,20 @@ def fetch_many(
     ``(2 * max_connections + 1) * batch_size`` messages (plus the UID lists themselves).
 
     **Bounded in bytes** with *max_bytes*: messages differ in size (forty 25 MB messages in
-    flight are a gigabyte), so with a byte budget every folder's message sizes are asked
-    first (``UID FETCH <uids> (RFC822.SIZE)``, a task's folders pipelined with their EXAMINEs:
-    one extra round trip per connection; ``"ALL"`` then needs no probe, other criteria are
-    searched and then sized), batches are cut by bytes as well as by count (at most
-    ``max_bytes / (2 * max_connections)`` each, unless one message is larger: it is then
-    fetched alone), and a batch's FETCH is sent only once its planned bytes are free. A
-    message larger than the whole budget waits until nothing else is in flight. The bytes
-    stay reserved until the message is handed on: with an int, when the caller asks for the
-    next message (or the block ends); with a :class:`~trio_imappool.wire.ByteSemaphore` of the
-    caller's, when the caller releases them, ``budget.release(message_size(data))`` (see
-    :func:`~trio_imappool.wire.message_size`): so a budget can also cover what the caller
-    queues and writes. A size is only a plan: once a batch arrives it is accounted at the
-    real length of its messages. A message is read whole (imaplib reads a literal in one
-    piece), so the peak is about the budget plus one message being read.
+    flight are a gigabyte), so with a byte budget every folder's message sizes are asked first
+    (``UID FETCH <uids> (RFC822.SIZE)``, pipelined with the folders' EXAMINEs: one extra round
+    trip for the folders of up to about 5,000 messages, more spread over the connections;
+    ``"ALL"`` then needs no probe, other criteria are searched and then sized), batches are cut
+    by bytes as well as by count (at most ``max_bytes / (2 * max_connections)`` each, unless one
+    message is larger: it is then fetched alone), and a batch's FETCH is sent only once its
+    planned bytes are free. A message larger than the whole budget waits until nothing else is
+    in flight. The bytes stay reserved until the message is handed on: with an int, when the
+    caller asks for the next message (or the block ends); with a
+    :class:`~trio_imappool.wire.ByteSemaphore` of the caller's, when the caller releases them,
+    ``budget.release(message_size(data))`` (see :func:`~trio_imappool.wire.message_size`): so a
+    budget can also cover what the caller queues and writes. A size is only a plan: once a batch
+    arrives it is accounted at the real length of its messages. A message is read whole (imaplib
+    reads a literal in one piece), so the peak is about the budget plus one message being read.
 
     Args:
         pool: The pool to check connections out of.
@@ -241,7 +241,8 @@ def fetch_many(
 
     Raises:
         TypeError: A folder's value is neither UIDs nor criteria (raised by the call).
-        ValueError: *batch_size* or *max_connections* is not a positive int (by the call).
+        ValueError: *batch_size*, *max_connections* or an int *max_bytes* is not a positive
+            int (by the call).
         FanOutError: A search or a batch failed, with the folder, the UIDs and the original as
             ``__cause__``. It is raised by the iteration if the caller is waiting in it, else
             the block is cancelled (like a nursery's body when a child fails) and the error

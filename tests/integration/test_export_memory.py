@@ -100,7 +100,8 @@ async def test_a_run_without_news_asks_no_sizes_and_one_with_news_asks_them_pipe
 
             async def export() -> Any:
                 async with open_pool(**through, max_size=4) as pool:
-                    return await export_maildir(pool, root)
+                    # Smaller than the folders: the sizes must be asked.
+                    return await export_maildir(pool, root, memory_budget=10_000)
 
             first = await export()
             assert first.messages_fetched == 18
@@ -127,6 +128,29 @@ async def test_a_run_without_news_asks_no_sizes_and_one_with_news_asks_them_pipe
             lines = [line for line in lines if b"(FLAGS)" not in line]  # the flag pass
             assert [b"RFC822.SIZE" in line for line in lines[:4]] == [True] * 4, lines
             assert not any(b"RFC822.SIZE" in line for line in lines[4:]), lines
+
+
+async def test_an_export_that_fits_its_budget_asks_no_sizes_where_status_says_how_much(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    """Dovecot has STATUS=SIZE: the listing says what the folders hold, and when all of it
+    fits in the budget no message sizes are asked (the fetch is what it was without one)."""
+    settings = new_user(dovecot)
+    uids = seed_folders(settings, {"INBOX": 5, "Other": 5})
+    with trio.fail_after(60):
+        async with recording_relay(settings["host"], settings["port"]) as relay:
+            async with open_pool(**{**settings, "port": relay.port}, max_size=2) as pool:
+                result = await export_maildir(pool, tmp_path / "Mail")
+            (listing,) = relay.lines(b"LIST")
+            assert b" SIZE" in listing
+            assert relay.lines(b"RFC822.SIZE") == []
+            assert result.complete and result.messages_fetched == 10
+            async with open_pool(**{**settings, "port": relay.port}, max_size=2) as pool:
+                result = await export_maildir(pool, tmp_path / "Small", memory_budget=15_000)
+            assert len(relay.lines(b"RFC822.SIZE")) == 2  # 20 KB > 15 KB: sized
+            assert result.complete and result.messages_fetched == 10
+    files = exported(tmp_path / "Small", "Other")
+    assert [files[uid] for uid in uids["Other"]] == [make_message("Other", i) for i in range(5)]
 
 
 async def test_fetch_many_with_a_shared_budget_never_holds_more_than_it(

@@ -168,3 +168,13 @@ def test_fetch_many_refuses_a_budget_that_is_not_a_positive_int() -> None:
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="byte budget"):
             fetch_many(pool, {"INBOX": [1]}, "FLAGS", max_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_sizes_are_asked_by_ranges_of_consecutive_uids() -> None:
+    from trio_imappool._fanout_memory import _ranges
+
+    assert _ranges([1, 2, 3, 7, 8, 10]) == [range(1, 4), range(7, 9), range(10, 11)]
+    assert _ranges(range(5, 9)) == [range(5, 9)]
+    assert _ranges([]) == [[]]
+    scattered = list(range(1, 200, 2))  # too many gaps: as it is
+    assert _ranges(scattered) == [scattered]

@@ -91,6 +91,7 @@ async def export_maildir(
         or a message was missing.
 
     Raises:
+        ValueError: *memory_budget* is neither None nor an int >= 1.
         ConfigurationError: A folder name or pattern holds CR, LF or NUL.
         ExportError: The destination cannot be used or written, or is locked by another
             export.

@@ -98,6 +98,18 @@ async def _list_server(
         return await conn.run_sync(_list_in_namespace)
 
 
+def _fits(chosen: Sequence[_Folder], limit: int) -> bool:
+    """Whether everything to fetch fits in *limit* bytes at once, so that no sizes need asking:
+    the folders' STATUS SIZE (all their messages together) says so, and every UID to fetch was
+    below the UIDNEXT listed with it (no ``"ALL"``, which takes what came since)."""
+    total = 0
+    for folder in chosen:
+        if folder.server.size is None or folder.spec == "ALL":
+            return False
+        total += folder.server.size
+    return total <= limit
+
+
 class _Run:
     """One export's fetching and writing; the decisions are synchronous, the I/O in tasks."""
 
@@ -134,8 +146,10 @@ class _Run:
                 folder.whole = folder.spec == "ALL" and (folder.whole or not folder.searched)
                 folder.searched = True
         self.totals = (len(chosen), sum(f.expected for f in chosen))
-        if self.memory_budget is not None:
-            self.budget = ByteSemaphore(self.memory_budget)
+        self.budget = None
+        limit = self.memory_budget
+        if limit is not None and not _fits(chosen, limit):
+            self.budget = ByteSemaphore(limit)
         self.folders_handed = max(self.folders_handed, len(chosen))
         self.folders_done = 0
         return chosen

@@ -36,6 +36,7 @@ class ServerFolder:
     messages: int
     namespace: str = ""
     highestmodseq: int = 0  # 0: the server has no CONDSTORE, or not for this folder
+    size: int | None = None  # bytes of all its messages (STATUS=SIZE, RFC 8438); None: unknown
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,6 +121,9 @@ def _list_status(
     condstore = bool(client.has_capability("CONDSTORE"))
     caps = _Capabilities(condstore, condstore and bool(client.has_capability("QRESYNC")))
     wanted = [*_STATUS_ITEMS, "HIGHESTMODSEQ"] if condstore else list(_STATUS_ITEMS)
+    sized = bool(client.has_capability("STATUS=SIZE"))
+    if sized:  # what the folders hold: an export that fits its memory budget plans nothing
+        wanted.append("SIZE")
     status: dict[bytes, Any] = {}
     encode = client.folder_encode
     client.folder_encode = False  # the names as the server sent them, to check them here
@@ -175,6 +179,7 @@ def _list_status(
                 uidnext=numbers[b"UIDNEXT"],
                 messages=numbers[b"MESSAGES"],
                 highestmodseq=numbers.get(b"HIGHESTMODSEQ", 0) if condstore else 0,
+                size=numbers.get(b"SIZE") if sized and numbers.get(b"SIZE", -1) >= 0 else None,
             )
         )
     return namespace, folders, failures, caps

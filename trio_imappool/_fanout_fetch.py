@@ -26,7 +26,7 @@ from ._fanout_engine import (
     FanOut,
 )
 from ._fanout_engine import search_and_fetch as _search_and_fetch
-from ._fanout_memory import FetchMemory, batch_bytes, message_size, run_sizes
+from ._fanout_memory import FetchMemory, batch_bytes, message_size, sizes_runner
 from ._fanout_plan import Messages, Search, Work, check_sizes, normalise
 from ._fanout_progress import Progress
 from ._nursery import open_nursery_unwrapped
@@ -373,6 +373,7 @@ async def _fetch_many(
         return found, result
 
     await trio.lowlevel.checkpoint()
+    limit = None if memory is None else batch_bytes(memory.budget, workers)
     send, receive = trio.open_memory_channel[Delivery](0)
     fanout = FanOut(
         pool,
@@ -385,8 +386,8 @@ async def _fetch_many(
         run_pipelined=fetch_batches,
         send=send,
         run_search_fetch=search_and_fetch if memory is None else None,
-        batch_bytes=None if memory is None else batch_bytes(memory.budget, workers),
-        run_sizes=run_sizes,
+        batch_bytes=limit,
+        run_sizes=None if limit is None else sizes_runner(max(1, limit // batch_size)),
         memory=memory,
     )
     results = FetchResults(receive, fanout, memory)

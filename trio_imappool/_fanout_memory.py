@@ -22,13 +22,14 @@ from imapclient import IMAPClient
 
 from ._byte_semaphore import ByteSemaphore
 from ._client import PipelinedFetch, TrackingClient
-from ._fanout_plan import Work
+from ._fanout_plan import ALL_UIDS, SEARCH_SIZES_FROM, Work
+from ._util import uid_set
 
 if TYPE_CHECKING:
     from ._connection import Connection
-    from ._fanout_engine import Cursor
+    from ._fanout_engine import Cursor, RunSizes
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "FetchMemory", "message_size", "run_sizes"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "FetchMemory", "message_size", "size_folders", "sizes_runner"]
 
 #: The memory budget of ``trio-imappool export`` unless told otherwise: 64 MiB.
 DEFAULT_MEMORY_BUDGET = 64 * 1024 * 1024
@@ -153,31 +154,80 @@ def fetch_sizes(
     return client.fetch_pipelined(steps, ["RFC822.SIZE"], reading, ())
 
 
-async def run_sizes(
-    conn: Connection, works: list[Work], cursor: Cursor
+def size_folders(
+    client: IMAPClient, steps: list[tuple[str, Sequence[int]]], small: int, reading: list[int]
 ) -> list[dict[int, int] | PipelinedFetch]:
-    """The sizes of the works' UIDs, each folder's EXAMINE and ``UID FETCH (RFC822.SIZE)``
-    pipelined: one round trip. A NO or BAD comes back as the failed :class:`PipelinedFetch`."""
-    steps: list[tuple[str, Sequence[int]]] = []
-    owner: list[int] = []  # the work of each step
-    for index, work in enumerate(works):
-        for part in _ranges(work.uids):
-            steps.append((work.folder, part))
+    """In a worker thread: the sizes of the steps' UIDs, or the failed step.
+
+    Where the server has ESEARCH and SEARCHRES (RFC 4731, 5182) a list of at least
+    :data:`~trio_imappool._fanout_plan.SEARCH_SIZES_FROM` UIDs is searched for its messages
+    ``LARGER`` than *small*, and only theirs are fetched, in the same round trip (``UID SEARCH
+    RETURN (SAVE) ... LARGER n`` and ``UID FETCH $ (RFC822.SIZE)``): the others are planned at
+    *small* bytes, an upper bound. Most mail is small, so the answer is short where a size
+    per message costs more to read than a round trip (about 10 us each). Every other step
+    (fewer UIDs, ``"ALL"``, or a server without them) gets a size per message, all of them
+    pipelined in one round trip.
+    """
+    assert isinstance(client, TrackingClient)
+    results: list[dict[int, int] | PipelinedFetch | None] = [None] * len(steps)
+    rest: list[int] = []
+    for index, (folder, uids) in enumerate(steps):
+        many = uids is not ALL_UIDS and len(uids) >= SEARCH_SIZES_FROM
+        criteria = ["UID", uid_set(uids), "LARGER", str(small)] if many else []
+        if not criteria or not client.can_search_and_fetch(criteria, None):
+            rest.append(index)
+            continue
+        reading[0] = index
+        _large, fetched, error, command = client.search_and_fetch(
+            folder, criteria, ALL_UIDS, ["RFC822.SIZE"]
+        )
+        if error is not None:
+            results[index] = PipelinedFetch(
+                None, error, "select" if command == "select" else "fetch"
+            )
+            continue
+        sizes = dict.fromkeys(uids, small)
+        sizes.update(_sizes(fetched or {}))
+        results[index] = sizes
+    parts: list[tuple[str, Sequence[int]]] = []
+    owner: list[int] = []  # the step of each part
+    for index in rest:
+        folder, uids = steps[index]
+        for part in _ranges(uids):
+            parts.append((folder, part))
             owner.append(index)
-    reading = [0]
-    try:
-        outcomes = await conn.run_sync(fetch_sizes, steps, reading)
-    except Exception:
-        cursor.work = works[owner[reading[0]]]
-        cursor.step = "command"
-        raise
-    results: list[dict[int, int] | PipelinedFetch] = [{} for _ in works]
-    for index, outcome in zip(owner, outcomes, strict=True):
-        done = results[index]
-        if isinstance(done, PipelinedFetch):
-            continue  # failed already
-        if outcome.fetched is None:
-            results[index] = outcome
-        else:
-            done.update(_sizes(outcome.fetched))
-    return results
+    if parts:
+        inner = [0]
+        try:
+            outcomes = client.fetch_pipelined(parts, ["RFC822.SIZE"], inner, ())
+        except Exception:
+            reading[0] = owner[inner[0]]
+            raise
+        for index, outcome in zip(owner, outcomes, strict=True):
+            done = results[index]
+            if isinstance(done, PipelinedFetch):
+                continue  # failed already
+            if outcome.fetched is None:
+                results[index] = outcome
+            else:
+                results[index] = {**(done or {}), **_sizes(outcome.fetched)}
+    return [result if result is not None else {} for result in results]
+
+
+def sizes_runner(small: int) -> RunSizes:
+    """The engine's ``run_sizes``: :func:`size_folders` on a connection, messages up to
+    *small* bytes planned at *small* where the server can tell which are larger."""
+
+    async def run_sizes(
+        conn: Connection, works: list[Work], cursor: Cursor
+    ) -> list[dict[int, int] | PipelinedFetch]:
+        steps = [(work.folder, work.uids) for work in works]
+        reading = [0]
+        try:
+            return await conn.run_sync(size_folders, steps, small, reading)
+        except Exception:
+            cursor.work = works[reading[0]]
+            cursor.step = "command"
+            raise
+
+    return run_sizes

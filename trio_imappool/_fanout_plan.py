@@ -171,10 +171,16 @@ ALL_UIDS: Final = range(1, 2**32)
 SIZES_PER_TRIP: Final = 5000
 # What a folder sized as "ALL" (its count unknown) weighs.
 _ALL_WEIGHT: Final = 1000
+#: A folder with this many UIDs to size is asked which of them are large (a search where the
+#: server can, see :func:`trio_imappool._fanout_memory.size_folders`): a round trip of its
+#: own, so it is sized alone; fewer are sized one by one, many folders in one round trip.
+SEARCH_SIZES_FROM: Final = 500
 
 
 def _sizing_weight(work: Work) -> int:
-    return _ALL_WEIGHT if work.uids is ALL_UIDS else len(work.uids)
+    if work.uids is ALL_UIDS:
+        return _ALL_WEIGHT
+    return SIZES_PER_TRIP if len(work.uids) >= SEARCH_SIZES_FROM else len(work.uids)
 
 
 def cut_by_bytes(

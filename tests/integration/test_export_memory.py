@@ -253,3 +253,39 @@ async def test_a_lying_rfc822_size_is_only_a_plan_the_literal_is_the_truth(
     assert result.complete and result.messages_fetched == 8
     assert exported(root, "INBOX") == {i + 1: body for i, body in enumerate(BODIES)}
     assert exported(root, "Other") == {1: BODIES[0], 2: BODIES[1]}
+
+
+async def test_a_large_folder_is_asked_only_for_its_large_messages_sizes(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    """600 small messages and 3 large ones in one folder: Dovecot (ESEARCH, SEARCHRES) is
+    asked which are LARGER than a batch's share, and only their sizes come back."""
+    settings = new_user(dovecot)
+    small = seed_folders(settings, {"INBOX": 600}, size=2000)["INBOX"]
+    large = seed_folders(settings, {"INBOX": 3}, size=200_000)["INBOX"]
+    budget = ByteSemaphore(400_000)
+    got: dict[int, bytes] = {}
+    with trio.fail_after(60):
+        async with recording_relay(settings["host"], settings["port"]) as relay:
+            async with (
+                open_pool(**{**settings, "port": relay.port}, max_size=2) as pool,
+                fetch_many(
+                    pool, {"INBOX": small + large}, "BODY.PEEK[]", max_bytes=budget
+                ) as results,
+            ):
+                async for _folder, uid, data in results:
+                    got[uid] = data[b"BODY[]"]
+                    budget.release(message_size(data))
+            searches = relay.lines(b"LARGER")
+            assert searches and all(b"UID SEARCH RETURN" in line for line in searches)
+            (sizes,) = relay.lines(b"RFC822.SIZE")
+            assert b"UID FETCH $ (RFC822.SIZE)" in sizes
+            root = tmp_path / "Mail"
+            async with open_pool(**{**settings, "port": relay.port}, max_size=2) as pool:
+                result = await export_maildir(pool, root, memory_budget=400_000)
+    stats = budget.statistics()
+    assert stats.in_use == 0 and stats.peak <= 400_000
+    expected = {uid: make_message("INBOX", i, 2000) for i, uid in enumerate(small)}
+    expected |= {uid: make_message("INBOX", 600 + i, 200_000) for i, uid in enumerate(large)}
+    assert got == expected
+    assert result.complete and exported(root, "INBOX") == expected

@@ -92,14 +92,17 @@ def test_every_folder_is_sized_before_its_batches_and_all_needs_no_probe() -> No
     assert counter.snapshot().messages_total == 6
 
 
-def test_a_round_trip_carries_sizes_of_about_5000_messages() -> None:
-    plan, _ = make_plan({f"F{i}": list(range(1, 2001)) for i in range(5)})
+def test_small_folders_share_a_round_trip_and_a_large_one_is_sized_alone() -> None:
+    folders: dict[str, object] = {f"F{i}": list(range(1, 301)) for i in range(20)}
+    folders["Big"] = list(range(1, 2001))
+    plan, _ = make_plan(folders)
     first = plan.take(None)
-    assert first is not None and len(first.companions) == 1  # 4,000 UIDs
+    assert first is not None and len(first.companions) == 15  # 16 x 300 UIDs <= 5,000
     second = plan.take(None)
-    assert second is not None and len(second.companions) == 1
-    third = plan.take(None)
-    assert third is not None and third.companions == [] and plan.take(None) is None
+    assert second is not None and len(second.companions) == 3  # the other 4 small ones
+    big = plan.take(None)
+    assert big is not None and big.folder == "Big" and big.companions == []
+    assert plan.take(None) is None
 
 
 def test_a_searched_folder_is_sized_after_its_search() -> None:

@@ -278,14 +278,17 @@ class FanOutPlan:
     # -- what comes next --
 
     def take(self, prefer: str | None, *, searches: bool = True) -> Work | None:
-        """The next work for a task whose connection has *prefer* selected: more of the same
-        folder, else a search (unless not *searches*), else the least-worked folder with the
-        most batches left. None if nothing is left now (more may come: :meth:`finished`)."""
+        """The next work for a task whose connection has *prefer* selected: folders to size
+        (a fetch with a memory budget: every folder is planned early), else more of the same
+        folder, else a search (neither sizes nor a search unless *searches*), else the
+        least-worked folder with the most batches left. None if nothing is left now (more may
+        come: :meth:`finished`)."""
         queue = self._batches.get(prefer) if prefer is not None else None
-        if queue:
-            work = queue.popleft()
-        elif self._sizing and searches:
+        if self._sizing and searches:  # sizes first: every folder planned early
             work = self._take_sizing()
+            queue = None
+        elif queue:
+            work = queue.popleft()
         elif self._searches and searches:
             work = self._searches.popleft()
             self._searching += 1

@@ -112,6 +112,8 @@ async def test_a_run_without_news_asks_no_sizes_and_one_with_news_asks_them_pipe
             assert unchanged.messages_fetched == 0
             assert relay.commands() == ["LOGIN", "NAMESPACE", "LIST", "LOGOUT"]
             assert relay.lines(b"RFC822.SIZE") == []
+            (listing,) = relay.lines(b"LIST")
+            assert b"SIZE" not in listing  # asked on a first export only
 
             seed_folders(settings, dict.fromkeys(names[:4], 2))
             relay.clear()

@@ -149,6 +149,7 @@ async def export_maildir(
                     progress,
                     delete,
                     memory_budget,
+                    warm,
                 )
             except BaseException as exc:
                 # Kept out of the nursery, so that it is not wrapped in an exception group.
@@ -204,10 +205,13 @@ async def _export(
     progress: Callable[[ExportProgress], object] | None,
     delete: bool,
     memory_budget: int | None = None,
+    first: bool = False,
 ) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
     """List, reconcile, fetch and write, then look for what did not come; the state is left
-    to the caller."""
-    namespace, listed, failures, caps = await _list_server(pool)
+    to the caller. A *first* export asks the folders' sizes with the listing: if the account
+    fits in the memory budget, no message sizes are asked."""
+    sizes = first and memory_budget is not None
+    namespace, listed, failures, caps = await _list_server(pool, sizes)
     chosen, failures = _select(namespace, listed, failures, folders, exclude)
     try:
         prepared, more = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)

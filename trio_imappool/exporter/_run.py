@@ -91,11 +91,12 @@ async def _server_folders(
 
 
 async def _list_server(
-    pool: Pool,
+    pool: Pool, sizes: bool = False
 ) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
-    """The namespace, the folders and what the server offers for following changes."""
+    """The namespace, the folders (with their STATUS SIZE if *sizes* and the server can) and
+    what the server offers for following changes."""
     async with pool.connection() as conn:
-        return await conn.run_sync(_list_in_namespace)
+        return await conn.run_sync(_list_in_namespace, sizes)
 
 
 def _fits(chosen: Sequence[_Folder], limit: int) -> bool:

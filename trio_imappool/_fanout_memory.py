@@ -2,9 +2,10 @@
 reserved before it is sent and released once its messages have been handed on.
 
 With a memory budget, :func:`~trio_imappool.fetch_many` asks every folder's message sizes
-first (``UID FETCH <uids> (RFC822.SIZE)``, the folders of a task pipelined in one round trip,
-see :meth:`~trio_imappool._fanout_engine.FanOut`), cuts the batches by bytes as well as by
-count, and holds each batch's planned bytes on a
+first (:func:`size_folders`: ``UID FETCH <uids> (RFC822.SIZE)``, the folders a task takes
+pipelined in one round trip; a folder of many UIDs asked only which are ``LARGER`` than a
+bound), cuts the batches by bytes as well as by count
+(:func:`~trio_imappool._fanout_plan.cut_by_bytes`), and holds each batch's planned bytes on a
 :class:`~trio_imappool._byte_semaphore.ByteSemaphore` from before its FETCH is sent until its
 messages are handed on. A size is only a plan: when a batch arrives, what it holds is
 accounted at the real size of its messages (the literals' lengths), the difference given back

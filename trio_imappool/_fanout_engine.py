@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import trio
 from imapclient import IMAPClient
@@ -23,7 +23,7 @@ from trio_util import AsyncValue
 
 from ._client import PipelinedFetch, TrackingClient
 from ._errors import PoolError
-from ._fanout_plan import Criteria, FanOutPlan, Mode, Search, Work
+from ._fanout_plan import ALL_UIDS, Criteria, FanOutPlan, Mode, Search, Work
 from ._fanout_progress import Progress, ProgressCounter
 from ._util import uid_set
 
@@ -108,6 +108,21 @@ RunPipelined: TypeAlias = Callable[
     ["Connection", list[Work], Cursor], Awaitable[list[Delivery | PipelinedFetch]]
 ]
 
+# Asks the sizes of the works' UIDs in one round trip (a fetch with a memory budget): per
+# work, UID -> RFC822.SIZE, or the failed step. Sets the cursor as RunPipelined does.
+RunSizes: TypeAlias = Callable[
+    ["Connection", list[Work], Cursor], Awaitable[list[dict[int, int] | PipelinedFetch]]
+]
+
+
+class Memory(Protocol):
+    """Where a fetch's batches reserve the bytes they are planned to take (see
+    :mod:`trio_imappool._fanout_memory`)."""
+
+    async def reserve(self, work: Work) -> None: ...
+    def reserve_nowait(self, work: Work) -> bool: ...
+
+
 # Searches a folder and fetches the matches among its first UIDs in one round trip (fetch):
 # every UID found and the first batch's delivery, or None where the server cannot.
 RunSearchFetch: TypeAlias = Callable[
@@ -137,8 +152,13 @@ class FanOut:
         send: trio.MemorySendChannel[Delivery] | None = None,
         charset: str | None = None,
         run_search_fetch: RunSearchFetch | None = None,
+        batch_bytes: int | None = None,
+        run_sizes: RunSizes | None = None,
+        memory: Memory | None = None,
     ) -> None:
         self._pool = pool
+        self._run_sizes = run_sizes
+        self._memory = memory
         self._run_search_fetch = run_search_fetch
         self._run_pipelined = run_pipelined
         self.operation = operation
@@ -156,6 +176,7 @@ class FanOut:
             batches=run_batch is not None or run_pipelined is not None,
             probe_all=run_pipelined is not None,
             progress=self.tracker,
+            batch_bytes=batch_bytes,
         )
         self.error: FanOutError | None = None
         self._error_reported = False
@@ -175,8 +196,11 @@ class FanOut:
     def _fail(self, cursor: Cursor, exc: Exception) -> None:
         work = cursor.work
         if self.error is None:
+            uids = () if work.uids is ALL_UIDS else work.uids
             if work.search is not None:
                 what = f"search for {work.search.criteria!r}"
+            elif work.uids is ALL_UIDS:
+                what = "the sizes of every message"
             else:
                 shown = uid_set(work.uids, max_chars=_SHOWN_UID_CHARS)
                 what = f"UIDs {shown} ({len(work.uids)} messages)"
@@ -186,7 +210,7 @@ class FanOut:
                 f"{self._pool.config.name}: {operation} of {what} in folder {work.folder!r} "
                 f"failed{step.get(cursor.step, '')}: {type(exc).__qualname__}: {exc}",
                 folder=work.folder,
-                uids=work.uids,
+                uids=uids,
                 operation=operation,
             )
             error.__cause__ = exc
@@ -241,12 +265,18 @@ class FanOut:
         work = cursor.work
         undelivered: list[Delivery] = []
         cursor.step = "checkout"
+        memory = self._memory
+        if memory is not None and work.search is None and not work.sizing:
+            await memory.reserve(work)  # before the checkout: no connection held meanwhile
         async with self._pool.connection() as conn:
-            work = plan.prefer(work, conn.selected_folder, conn.readonly)
+            if memory is None:  # else the batch's bytes are reserved: keep it
+                work = plan.prefer(work, conn.selected_folder, conn.readonly)
             while True:
                 cursor.work = work
                 cursor.step = "select"
-                if work.search is None and self._run_pipelined is not None:
+                if work.sizing:
+                    work = await self._size(conn, work, cursor)
+                elif work.search is None and self._run_pipelined is not None:
                     work = await self._run_pipeline(conn, work, cursor, undelivered)
                 elif work.search is not None:
                     if not await self._search_and_fetch(conn, work, cursor, undelivered):
@@ -264,6 +294,7 @@ class FanOut:
                     or following is None
                     or following.folder != work.folder
                     or self._pool.counts.value.waiting
+                    or (memory is not None and not memory.reserve_nowait(following))
                 ):
                     break
                 work = following
@@ -285,6 +316,9 @@ class FanOut:
             extra = self.plan.take(works[-1].folder, searches=False)
             if extra is None:
                 break
+            if self._memory is not None and not self._memory.reserve_nowait(extra):
+                self.plan.put_back(extra)  # no memory for it yet: another round trip
+                break
             works.append(extra)
         outcomes = await self._run_pipelined(conn, works, cursor)
         for done, outcome in zip(works, outcomes, strict=True):
@@ -298,6 +332,24 @@ class FanOut:
                 self.plan.probed(done, returned, outcome.examined)
                 self._wake()
             self._batch_done(done, outcome, undelivered)
+        cursor.step = "command"
+        return works[-1]
+
+    async def _size(self, conn: Connection, work: Work, cursor: Cursor) -> Work:
+        """Ask the sizes of *work*'s folder and of its companions, in one round trip, and plan
+        their batches. Returns the last work run."""
+        assert self._run_sizes is not None
+        works = [work, *work.companions]
+        outcomes = await self._run_sizes(conn, works, cursor)
+        for done, outcome in zip(works, outcomes, strict=True):
+            cursor.work = done
+            if isinstance(outcome, PipelinedFetch):
+                assert outcome.error is not None
+                cursor.step = "select" if outcome.command == "select" else "command"
+                raise outcome.error
+            self.plan.sized(done, outcome)
+            self.plan.finish(done)
+        self._wake()
         cursor.step = "command"
         return works[-1]
 

@@ -17,6 +17,7 @@ import trio
 from imapclient import IMAPClient
 from trio_util import AsyncValue
 
+from ._byte_semaphore import ByteSemaphore
 from ._client import PipelinedFetch, TrackingClient
 from ._fanout_engine import (
     DEFAULT_BATCH_SIZE,
@@ -25,6 +26,7 @@ from ._fanout_engine import (
     FanOut,
 )
 from ._fanout_engine import search_and_fetch as _search_and_fetch
+from ._fanout_memory import FetchMemory, batch_bytes, message_size, sizes_runner
 from ._fanout_plan import Messages, Search, Work, check_sizes, normalise
 from ._fanout_progress import Progress
 from ._nursery import open_nursery_unwrapped
@@ -48,8 +50,14 @@ class FetchResults:
     end the iteration.
     """
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[Delivery], fanout: FanOut) -> None:
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[Delivery],
+        fanout: FanOut,
+        memory: FetchMemory | None = None,
+    ) -> None:
         self._receive = receive
+        self._memory = memory
         self._fanout = fanout
         self._tracker = fanout.tracker
         self._current: Delivery | None = None
@@ -100,6 +108,8 @@ class FetchResults:
                 "through a memory channel instead"
             )
         self._in_next = True
+        if self._memory is not None:
+            self._memory.handed_on()  # the caller is done with the message before
         try:
             delivery = self._current
             if delivery is not None and delivery.messages:
@@ -110,7 +120,9 @@ class FetchResults:
         finally:
             self._in_next = False
         uid, data = delivery.messages.popleft()
-        size = sum(len(value) for value in data.values() if isinstance(value, bytes))
+        size = message_size(data)
+        if self._memory is not None:
+            self._memory.hand_on(size)
         self._tracker.done(delivery.folder, 1, size, batch_done=not delivery.messages)
         return delivery.folder, uid, data
 
@@ -149,6 +161,7 @@ def fetch_many(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_connections: int | None = None,
+    max_bytes: int | ByteSemaphore | None = None,
 ) -> AbstractAsyncContextManager[FetchResults]:
     """Fetch messages of many folders concurrently, streaming them as they arrive.
 
@@ -193,6 +206,22 @@ def fetch_many(
     them. So a slow caller slows the fetching instead of buffering the mailbox: memory is about
     ``(2 * max_connections + 1) * batch_size`` messages (plus the UID lists themselves).
 
+    **Bounded in bytes** with *max_bytes*: messages differ in size (forty 25 MB messages in
+    flight are a gigabyte), so with a byte budget every folder's message sizes are asked first
+    (``UID FETCH <uids> (RFC822.SIZE)``, pipelined with the folders' EXAMINEs: one extra round
+    trip for the folders of up to about 5,000 messages, more spread over the connections;
+    ``"ALL"`` then needs no probe, other criteria are searched and then sized), batches are cut
+    by bytes as well as by count (at most ``max_bytes / (2 * max_connections)`` each, unless one
+    message is larger: it is then fetched alone), and a batch's FETCH is sent only once its
+    planned bytes are free. A message larger than the whole budget waits until nothing else is
+    in flight. The bytes stay reserved until the message is handed on: with an int, when the
+    caller asks for the next message (or the block ends); with a
+    :class:`~trio_imappool.wire.ByteSemaphore` of the caller's, when the caller releases them,
+    ``budget.release(message_size(data))`` (see :func:`~trio_imappool.wire.message_size`): so a
+    budget can also cover what the caller queues and writes. A size is only a plan: once a batch
+    arrives it is accounted at the real length of its messages. A message is read whole (imaplib
+    reads a literal in one piece), so the peak is about the budget plus one message being read.
+
     Args:
         pool: The pool to check connections out of.
         folders: Folder -> its UIDs (any iterable of ints), or search criteria (a str such as
@@ -202,13 +231,18 @@ def fetch_many(
         batch_size: UIDs per FETCH.
         max_connections: Connections used at once; default and upper bound the pool's
             ``max_size``.
+        max_bytes: A memory budget in bytes (an int >= 1, or a
+            :class:`~trio_imappool.wire.ByteSemaphore` shared with the caller, who then
+            releases each message's bytes); None (the default): bounded by counts only, no
+            sizes asked.
 
     Returns:
         An async context manager giving :class:`FetchResults`.
 
     Raises:
         TypeError: A folder's value is neither UIDs nor criteria (raised by the call).
-        ValueError: *batch_size* or *max_connections* is not a positive int (by the call).
+        ValueError: *batch_size*, *max_connections* or an int *max_bytes* is not a positive
+            int (by the call).
         FanOutError: A search or a batch failed, with the folder, the UIDs and the original as
             ``__cause__``. It is raised by the iteration if the caller is waiting in it, else
             the block is cancelled (like a nursery's body when a child fails) and the error
@@ -226,7 +260,12 @@ def fetch_many(
     fields = [data] if isinstance(data, str | bytes) else list(data)
     if not fields:
         raise ValueError("fetch_many() needs at least one data item to fetch")
-    return _fetch_many(pool, plan, fields, batch_size, workers)
+    memory = None
+    if isinstance(max_bytes, ByteSemaphore):
+        memory = FetchMemory(max_bytes, owned=False)
+    elif max_bytes is not None:
+        memory = FetchMemory(ByteSemaphore(max_bytes), owned=True)
+    return _fetch_many(pool, plan, fields, batch_size, workers, memory)
 
 
 def _data_keys(fields: Sequence[str | bytes]) -> tuple[bytes, ...]:
@@ -273,6 +312,7 @@ async def _fetch_many(
     fields: list[str | bytes],
     batch_size: int,
     workers: int,
+    memory: FetchMemory | None,
 ) -> AsyncIterator[FetchResults]:
     wanted = _data_keys(fields)
 
@@ -295,6 +335,8 @@ async def _fetch_many(
                 if (data := fetched.pop(uid, None)) is not None and _has_data(data, wanted)
             )
             skipped = len(work.uids) - len(messages)
+        if memory is not None:
+            memory.settle(work.nbytes, sum(message_size(data) for _, data in messages))
         return Delivery(work.folder, messages, skipped, outcome.examined)
 
     async def fetch_batches(
@@ -331,6 +373,7 @@ async def _fetch_many(
         return found, result
 
     await trio.lowlevel.checkpoint()
+    limit = None if memory is None else batch_bytes(memory.budget, workers)
     send, receive = trio.open_memory_channel[Delivery](0)
     fanout = FanOut(
         pool,
@@ -342,9 +385,12 @@ async def _fetch_many(
         run_batch=None,
         run_pipelined=fetch_batches,
         send=send,
-        run_search_fetch=search_and_fetch,
+        run_search_fetch=search_and_fetch if memory is None else None,
+        batch_bytes=limit,
+        run_sizes=None if limit is None else sizes_runner(max(1, limit // batch_size)),
+        memory=memory,
     )
-    results = FetchResults(receive, fanout)
+    results = FetchResults(receive, fanout, memory)
 
     async def produce() -> None:
         await fanout.run()
@@ -353,16 +399,20 @@ async def _fetch_many(
             # cancels its body when a child fails; the error comes out of the async with.
             results._body_scope.cancel()
 
-    with receive:
-        # An exception of the block comes out as it was raised, not in an exception group.
-        async with open_nursery_unwrapped() as nursery:
-            nursery.start_soon(produce)
-            try:
-                with results._body_scope:
-                    yield results
-            finally:
-                nursery.cancel_scope.cancel()
-                results._closed = True
+    try:
+        with receive:
+            # An exception of the block comes out as it was raised, not in an exception group.
+            async with open_nursery_unwrapped() as nursery:
+                nursery.start_soon(produce)
+                try:
+                    with results._body_scope:
+                        yield results
+                finally:
+                    nursery.cancel_scope.cancel()
+                    results._closed = True
+    finally:
+        if memory is not None:
+            memory.close()  # what was fetched and not handed on, or reserved for a batch
     error = fanout.take_error()
     if error is not None:
         raise error from error.__cause__

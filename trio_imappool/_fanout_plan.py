@@ -19,6 +19,10 @@ The rules:
 - A folder fetched as ``"ALL"`` starts with a *probe*, its first UID range, sent with an EXAMINE
   whose EXISTS and UIDNEXT plan the rest: UID ranges up to UIDNEXT where the UIDs are dense,
   else a search for the UIDs above the probe.
+- With a byte limit per batch (a fetch with a memory budget), every folder's UIDs are first
+  *sized* (``UID FETCH uids (RFC822.SIZE)``; ``"ALL"`` asks ``1:4294967295``, searches size what
+  they found), and batches are cut by bytes as well as by count: a message larger than the
+  limit is a batch of its own. No probes then.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ._config import check_wire_text
 from ._fanout_progress import ProgressCounter
 
 __all__ = [
+    "ALL_UIDS",
     "Criteria",
     "FanOutPlan",
     "Messages",
@@ -39,6 +44,7 @@ __all__ = [
     "Search",
     "Work",
     "check_sizes",
+    "cut_by_bytes",
     "is_all",
     "normalise",
 ]
@@ -148,6 +154,51 @@ class Work:
     #: The first UID range of a folder fetched as "ALL", sent with a fresh EXAMINE whose
     #: UIDNEXT and EXISTS plan the rest of the folder.
     probe: bool = False
+    #: The bytes the batch's messages are planned to take (from RFC822.SIZE; 0 unplanned).
+    nbytes: int = 0
+    #: Ask the sizes of *uids* (RFC822.SIZE), to plan the folder's batches by bytes.
+    sizing: bool = False
+    #: Other folders to size in the same round trip (taken with this one).
+    companions: list[Work] = dataclasses.field(default_factory=list)
+
+
+#: Every UID there can be (``1:4294967295``): the sizes of a whole folder in one FETCH.
+ALL_UIDS: Final = range(1, 2**32)
+
+#: Sizes asked in one round trip, about: a task takes folders to size until they hold this
+#: many UIDs (parsing the answers is the cost; a connection is opened or found meanwhile for
+#: the next), so that a few folders cost one round trip and a huge mailbox is spread.
+SIZES_PER_TRIP: Final = 5000
+# What a folder sized as "ALL" (its count unknown) weighs.
+_ALL_WEIGHT: Final = 1000
+#: A folder with this many UIDs to size is asked which of them are large (a search where the
+#: server can, see :func:`trio_imappool._fanout_memory.size_folders`): a round trip of its
+#: own, so it is sized alone; fewer are sized one by one, many folders in one round trip.
+SEARCH_SIZES_FROM: Final = 500
+
+
+def _sizing_weight(work: Work) -> int:
+    if work.uids is ALL_UIDS:
+        return _ALL_WEIGHT
+    return SIZES_PER_TRIP if len(work.uids) >= SEARCH_SIZES_FROM else len(work.uids)
+
+
+def cut_by_bytes(
+    folder: str, uids: Sequence[int], sizes: Mapping[int, int], count: int, limit: int
+) -> list[Work]:
+    """Batches of at most *count* UIDs and, unless a single message is larger, at most
+    *limit* bytes (a UID without a size counts 0), in order."""
+    batches: list[Work] = []
+    start, total = 0, 0
+    for index, uid in enumerate(uids):
+        size = sizes.get(uid, 0)
+        if index > start and (index - start >= count or total + size > limit):
+            batches.append(Work(folder, uids[start:index], nbytes=total))
+            start, total = index, 0
+        total += size
+    if start < len(uids):
+        batches.append(Work(folder, uids[start:], nbytes=total))
+    return batches
 
 
 class FanOutPlan:
@@ -164,6 +215,8 @@ class FanOutPlan:
         probe_all: Whether a folder searched for ``"ALL"`` starts with a probe instead (the
             fetch, which can send an EXAMINE with its first batch).
         progress: Counts the messages and batches as they are planned.
+        batch_bytes: Bytes per batch (then every folder is sized first, see above); None to
+            cut by count only.
     """
 
     def __init__(
@@ -175,8 +228,12 @@ class FanOutPlan:
         batches: bool,
         probe_all: bool,
         progress: ProgressCounter,
+        batch_bytes: int | None = None,
     ) -> None:
         self.batch_size: Final = batch_size
+        self.batch_bytes: Final = batch_bytes
+        self._sizing: collections.deque[Work] = collections.deque()
+        self._sizing_run = 0
         self.mode: Final = mode
         self.progress: Final = progress
         self._batches_run = batches
@@ -189,7 +246,9 @@ class FanOutPlan:
         self._searching = 0
         self._probing = 0
         for folder, spec in plan.items():
-            if isinstance(spec, Search) and probe_all and is_all(spec.criteria):
+            if batch_bytes is not None and isinstance(spec, Search) and is_all(spec.criteria):
+                self._sizing.append(Work(folder, ALL_UIDS, sizing=True))
+            elif isinstance(spec, Search) and probe_all and is_all(spec.criteria):
                 # No search: the first range goes now, with an EXAMINE that tells the rest.
                 probe = Work(folder, range(1, batch_size + 1), probe=True)
                 self._batches[folder] = collections.deque([probe])
@@ -208,6 +267,8 @@ class FanOutPlan:
         size = self.batch_size
         if not self._batches_run:  # search only
             self.progress.planned(folder, len(uids), 0)
+        elif self.batch_bytes is not None and uids:  # size them first
+            self._sizing.append(Work(folder, uids, sizing=True))
         else:
             batches = [Work(folder, uids[i : i + size]) for i in range(0, len(uids), size)]
             if batches:
@@ -217,11 +278,16 @@ class FanOutPlan:
     # -- what comes next --
 
     def take(self, prefer: str | None, *, searches: bool = True) -> Work | None:
-        """The next work for a task whose connection has *prefer* selected: more of the same
-        folder, else a search (unless not *searches*), else the least-worked folder with the
-        most batches left. None if nothing is left now (more may come: :meth:`finished`)."""
+        """The next work for a task whose connection has *prefer* selected: folders to size
+        (a fetch with a memory budget: every folder is planned early), else more of the same
+        folder, else a search (neither sizes nor a search unless *searches*), else the
+        least-worked folder with the most batches left. None if nothing is left now (more may
+        come: :meth:`finished`)."""
         queue = self._batches.get(prefer) if prefer is not None else None
-        if queue:
+        if self._sizing and searches:  # sizes first: every folder planned early
+            work = self._take_sizing()
+            queue = None
+        elif queue:
             work = queue.popleft()
         elif self._searches and searches:
             work = self._searches.popleft()
@@ -236,6 +302,24 @@ class FanOutPlan:
             del self._batches[work.folder]
         self._busy[work.folder] += 1
         return work
+
+    def _take_sizing(self) -> Work:
+        """The next folder to size, with as many more (its ``companions``) as one round trip
+        should carry (:data:`SIZES_PER_TRIP`)."""
+        work = self._sizing.popleft()
+        weight = _sizing_weight(work)
+        while self._sizing and weight + _sizing_weight(self._sizing[0]) <= SIZES_PER_TRIP:
+            extra = self._sizing.popleft()
+            weight += _sizing_weight(extra)
+            work.companions.append(extra)
+            self._busy[extra.folder] += 1
+        self._sizing_run += 1 + len(work.companions)
+        return work
+
+    def put_back(self, work: Work) -> None:
+        """Undo :meth:`take` for a batch a task cannot run now (no memory for it yet)."""
+        self._batches.setdefault(work.folder, collections.deque()).appendleft(work)
+        self._busy[work.folder] -= 1
 
     def suits(self, readonly: bool | None) -> bool:
         """Whether a folder selected read-only (or not) is in the mode the operation needs."""
@@ -265,7 +349,13 @@ class FanOutPlan:
 
     def finished(self) -> bool:
         """Whether no more work can appear (no search or probe is pending or running)."""
-        return not self._searches and not self._searching and not self._probing
+        return (
+            not self._searches
+            and not self._searching
+            and not self._probing
+            and not self._sizing
+            and not self._sizing_run
+        )
 
     # -- what the server said --
 
@@ -277,6 +367,22 @@ class FanOutPlan:
         self.found[work.folder] = uids
         self._searching -= 1
         self._plan(work.folder, uids)
+
+    def sized(self, work: Work, sizes: Mapping[int, int]) -> None:
+        """The sizes of *work*'s UIDs are known: cut the folder's batches by count and bytes.
+        A UID list keeps every UID (one that does not exist is reported missing by its
+        batch); :data:`ALL_UIDS` becomes the UIDs that answered."""
+        assert work.sizing and self.batch_bytes is not None
+        self._sizing_run -= 1
+        if work.uids is ALL_UIDS:
+            uids: Sequence[int] = sorted(sizes)
+            self.found[work.folder] = list(uids)
+        else:
+            uids = work.uids
+        batches = cut_by_bytes(work.folder, uids, sizes, self.batch_size, self.batch_bytes)
+        if batches:
+            self._batches.setdefault(work.folder, collections.deque()).extend(batches)
+        self.progress.planned(work.folder, len(uids), len(batches))
 
     def searched_with_first(self, work: Work, uids: list[int], first: range) -> None:
         """The search of *work* found *uids*, and those in *first* were fetched with it (one

@@ -21,6 +21,11 @@ private module.
   whether a host name is this machine's loopback (plain IMAP there sends no password over a
   network).
 * :data:`DEFAULT_BATCH_SIZE` is :func:`~trio_imappool.fetch_many`'s default batch size.
+* :class:`ByteSemaphore` is a memory budget in bytes (FIFO; a request larger than the budget
+  waits until nothing else is held) that :func:`~trio_imappool.fetch_many` can share with its
+  caller (``max_bytes=budget``): the caller then releases each message's
+  :func:`message_size` once it is done with it. :data:`DEFAULT_MEMORY_BUDGET` (64 MiB) is the
+  exporter's default.
 
 The functions that take an ``IMAPClient`` block: call them through ``conn.run_sync`` (or
 ``pool.run_sync``), never on the event loop.
@@ -28,9 +33,11 @@ The functions that take an ``IMAPClient`` block: call them through ``conn.run_sy
 
 from __future__ import annotations
 
+from ._byte_semaphore import ByteSemaphore, ByteSemaphoreStatistics
 from ._config import check_wire_text
 from ._errors import connection_survives
 from ._fanout import DEFAULT_BATCH_SIZE
+from ._fanout_memory import DEFAULT_MEMORY_BUDGET, message_size
 from ._imap import (
     FlagAnswer,
     FlagStep,
@@ -44,6 +51,9 @@ from ._util import is_loopback, uid_set
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MEMORY_BUDGET",
+    "ByteSemaphore",
+    "ByteSemaphoreStatistics",
     "FlagAnswer",
     "FlagStep",
     "Listing",
@@ -52,6 +62,7 @@ __all__ = [
     "fetch_flags",
     "is_loopback",
     "list_with_status",
+    "message_size",
     "parse_flag_responses",
     "parse_uid_set",
     "uid_set",

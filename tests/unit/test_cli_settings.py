@@ -190,3 +190,13 @@ def test_the_default_config_file_follows_xdg_and_only_for_export_and_folders(
     assert Settings(export_args(), relative).get("host") is None
     demo = argparse.Namespace(command="demo")
     assert Settings(demo, env).get("host") is None  # the demo never reads it
+
+
+def test_the_memory_budget_is_in_mib_64_by_default_and_at_least_1() -> None:
+    env = {f"{ENV}PASSWORD": "p", f"{ENV}MEMORY_BUDGET": "32"}
+    assert Settings(export_args(), {}).get("memory_budget") == 64
+    assert Settings(export_args(), env).get("memory_budget") == 32
+    assert Settings(export_args("--memory-budget", "8"), env).get("memory_budget") == 8
+    args = export_args("--host", "localhost", "--user", "u", "--memory-budget", "0")
+    with pytest.raises(UsageError, match="memory budget must be at least 1 MiB"):
+        Settings(args, env).pool_options()

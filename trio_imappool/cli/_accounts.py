@@ -259,6 +259,7 @@ async def _work(
                             folders=settings.get("folders"),
                             exclude=settings.get("exclude") or (),
                             batch_size=settings.get("batch_size"),
+                            memory_budget=settings.get("memory_budget") * 1024 * 1024,
                             max_connections=opts["max_size"],
                             fsync=settings.get("fsync"),
                         )

@@ -35,6 +35,7 @@ async def _export(
                 folders=settings.get("folders"),
                 exclude=settings.get("exclude") or (),
                 batch_size=settings.get("batch_size"),
+                memory_budget=settings.get("memory_budget") * 1024 * 1024,
                 max_connections=options["max_size"],
                 fsync=settings.get("fsync"),
                 progress=bar.update,

@@ -13,8 +13,8 @@ Settings come from, first found wins: the command line; environment variables
 TRIO_IMAPPOOL_<SETTING> (HOST, PORT, USER, PASSWORD_COMMAND, TLS, CA_FILE, CONNECTIONS,
 MAILDIR, ...); the TOML file named by --config or TRIO_IMAPPOOL_CONFIG, with keys named
 like the long options (host, port, user, password_command, auth, tls = "implicit" |
-"starttls" | "plain", ca_file, connections, batch_size, fsync, delete, folders = [...],
-exclude = [...], maildir); then the defaults.
+"starttls" | "plain", ca_file, connections, batch_size, memory_budget, fsync, delete,
+folders = [...], exclude = [...], maildir); then the defaults.
 Without --config and TRIO_IMAPPOOL_CONFIG, export and folders read the default config file
 $XDG_CONFIG_HOME/trio-imappool/config.toml (~/.config/trio-imappool/config.toml when
 XDG_CONFIG_HOME is not set) if it exists.
@@ -203,6 +203,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--batch-size", type=int, metavar="N", help=f"UIDs per FETCH ({DEFAULT_BATCH_SIZE})"
+    )
+    options.add_argument(
+        "--memory-budget",
+        type=int,
+        metavar="MIB",
+        help="MiB of messages held at once, from their FETCH until they are written (64); "
+        "a larger message is fetched alone",
     )
     options.add_argument(
         "--no-fsync",

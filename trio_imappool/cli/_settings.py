@@ -67,6 +67,7 @@ _KEYS = {
         _Key("insecure_skip_tls_verify", bool, False),
         _Key("connections", int, DEFAULT_CONNECTIONS),
         _Key("batch_size", int, DEFAULT_BATCH_SIZE),
+        _Key("memory_budget", int, 64),  # MiB
         _Key("fsync", bool, True),
         _Key("delete", bool, False),
         _Key("maildir", str),
@@ -190,6 +191,8 @@ class Settings:
             raise UsageError("connections must be at least 1")
         if self.get("batch_size") < 1:
             raise UsageError("batch size must be at least 1")
+        if self.get("memory_budget") < 1:
+            raise UsageError("memory budget must be at least 1 MiB")
         if tls == "plain" and not self.get("insecure_plaintext") and not is_loopback(host):
             raise UsageError(
                 f"refusing to send the password without TLS to {host}: use TLS (the default), "

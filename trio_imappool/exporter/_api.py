@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_imappool.wire import DEFAULT_BATCH_SIZE, check_wire_text
+from trio_imappool.wire import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET, check_wire_text
 
 from ._base import _WRITE_BATCH, _WRITERS, ExportError
 from ._flags import _flag_pass, _plan_flags, _remove_gone
@@ -35,6 +35,7 @@ async def export_maildir(
     fsync: bool = True,
     progress: Callable[[ExportProgress], object] | None = None,
     delete: bool = False,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> ExportResult:
     """Export folders of the pool's account to a Maildir, fetching only what is missing and
     following the server's flag changes and deletions (one-way).
@@ -76,12 +77,21 @@ async def export_maildir(
         delete: Remove the files of messages gone from the server (those noticed in this run
             and those kept by earlier runs). By default they are kept and counted
             (:attr:`FolderReport.gone`, :attr:`FolderReport.gone_kept`).
+        memory_budget: Bytes of messages held at once, from the FETCH that asks for them
+            until they are written to their files (default 64 MiB): the sizes of the new
+            messages are asked first (``RFC822.SIZE``, one pipelined round trip per
+            connection, and none at all when nothing is new), and the batches cut to fit (see
+            *max_bytes* of :func:`~trio_imappool.fetch_many`). A message larger than the
+            budget is fetched alone, once nothing else is held; it is read whole, so the
+            peak is about the budget plus the largest message. None: bounded by message
+            counts only (``batch_size``), no sizes asked.
 
     Returns:
         An :class:`ExportResult`; :attr:`ExportResult.complete` is False when a folder failed
         or a message was missing.
 
     Raises:
+        ValueError: *memory_budget* is neither None nor an int >= 1.
         ConfigurationError: A folder name or pattern holds CR, LF or NUL.
         ExportError: The destination cannot be used or written, or is locked by another
             export.
@@ -109,6 +119,10 @@ async def export_maildir(
     await trio.lowlevel.checkpoint()
     for pattern in [*(folders or ()), *exclude]:
         check_wire_text("a folder name or pattern", pattern)
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+    ):
+        raise ValueError(f"memory_budget must be an int >= 1 or None, not {memory_budget!r}")
     root = Path(destination)
     started = time.monotonic()
     with _locked(root):
@@ -134,6 +148,8 @@ async def export_maildir(
                     fsync,
                     progress,
                     delete,
+                    memory_budget,
+                    warm,
                 )
             except BaseException as exc:
                 # Kept out of the nursery, so that it is not wrapped in an exception group.
@@ -188,10 +204,14 @@ async def _export(
     fsync: bool,
     progress: Callable[[ExportProgress], object] | None,
     delete: bool,
+    memory_budget: int | None = None,
+    first: bool = False,
 ) -> tuple[list[_Folder], _Run, list[FolderFailure]]:
     """List, reconcile, fetch and write, then look for what did not come; the state is left
-    to the caller."""
-    namespace, listed, failures, caps = await _list_server(pool)
+    to the caller. A *first* export asks the folders' sizes with the listing: if the account
+    fits in the memory budget, no message sizes are asked."""
+    sizes = first and memory_budget is not None
+    namespace, listed, failures, caps = await _list_server(pool, sizes)
     chosen, failures = _select(namespace, listed, failures, folders, exclude)
     try:
         prepared, more = await trio.to_thread.run_sync(_prepare, root, chosen, fsync)
@@ -206,7 +226,7 @@ async def _export(
             await trio.to_thread.run_sync(_remove_gone, prepared, fsync)
         except OSError as exc:
             raise ExportError(f"cannot remove a message gone from the server: {exc}") from exc
-    run = _Run(prepared, fsync, progress)
+    run = _Run(prepared, fsync, progress, memory_budget)
     for _round in range(len(prepared) + 1):  # each further round follows a failed folder
         batch = run.plan()
         if not batch:

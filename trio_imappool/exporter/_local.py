@@ -303,6 +303,8 @@ class _Pending:
     uid: int
     body: bytes
     flags: str
+    #: What the message holds on the run's memory budget, released once it is written.
+    size: int = 0
 
 
 def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_imappool import FanOutError, fetch_many
-from trio_imappool.wire import connection_survives, uid_set
+from trio_imappool.wire import ByteSemaphore, connection_survives, message_size, uid_set
 
 from ._base import (
     _FETCH_ITEMS,
@@ -91,11 +91,24 @@ async def _server_folders(
 
 
 async def _list_server(
-    pool: Pool,
+    pool: Pool, sizes: bool = False
 ) -> tuple[_Namespace, list[ServerFolder], list[FolderFailure], _Capabilities]:
-    """The namespace, the folders and what the server offers for following changes."""
+    """The namespace, the folders (with their STATUS SIZE if *sizes* and the server can) and
+    what the server offers for following changes."""
     async with pool.connection() as conn:
-        return await conn.run_sync(_list_in_namespace)
+        return await conn.run_sync(_list_in_namespace, sizes)
+
+
+def _fits(chosen: Sequence[_Folder], limit: int) -> bool:
+    """Whether everything to fetch fits in *limit* bytes at once, so that no sizes need asking:
+    the folders' STATUS SIZE (all their messages together) says so, and every UID to fetch was
+    below the UIDNEXT listed with it (no ``"ALL"``, which takes what came since)."""
+    total = 0
+    for folder in chosen:
+        if folder.server.size is None or folder.spec == "ALL":
+            return False
+        total += folder.server.size
+    return total <= limit
 
 
 class _Run:
@@ -106,8 +119,12 @@ class _Run:
         folders: Sequence[_Folder],
         fsync: bool,
         progress: Callable[[ExportProgress], object] | None,
+        memory_budget: int | None = None,
     ) -> None:
         self.by_name = {f.server.name: f for f in folders}
+        self.memory_budget = memory_budget
+        # Bytes of the messages being fetched, queued and written (a round's own).
+        self.budget: ByteSemaphore | None = None
         self.fsync = fsync
         self.progress_fn = progress
         self.skipped = 0
@@ -130,6 +147,10 @@ class _Run:
                 folder.whole = folder.spec == "ALL" and (folder.whole or not folder.searched)
                 folder.searched = True
         self.totals = (len(chosen), sum(f.expected for f in chosen))
+        self.budget = None
+        limit = self.memory_budget
+        if limit is not None and not _fits(chosen, limit):
+            self.budget = ByteSemaphore(limit)
         self.folders_handed = max(self.folders_handed, len(chosen))
         self.folders_done = 0
         return chosen
@@ -156,6 +177,7 @@ class _Run:
             async with receive:
                 async for first in receive:
                     batch = [first]
+                    del first  # below, nothing keeps a message alive once it is written
                     with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                         while len(batch) < _WRITE_BATCH:
                             batch.append(receive.receive_nowait())
@@ -165,15 +187,40 @@ class _Run:
                         )
                     except OSError as exc:
                         raise ExportError(f"cannot write to {batch[0].folder.path}: {exc}") from exc
-                    for item in batch:
-                        item.folder.exported.add(item.uid)
-                        item.folder.fetched += 1
-                        item.folder.bytes += len(item.body)
-                        self.messages += 1
-                        self.bytes += len(item.body)
+                    self._written(batch)
+                    batch.clear()
                     self.report()
         except Exception as exc:
             self.fail(exc, scope)
+
+    def _written(self, batch: Sequence[_Pending]) -> None:
+        """Count a batch written; its memory is free again."""
+        if self.budget is not None:
+            self.budget.release(sum(item.size for item in batch))
+        for item in batch:
+            item.folder.exported.add(item.uid)
+            item.folder.fetched += 1
+            item.folder.bytes += len(item.body)
+            self.messages += 1
+            self.bytes += len(item.body)
+
+    def _pending(self, name: str, uid: int, data: dict[bytes, Any]) -> _Pending | None:
+        """A fetched message to write, or None (nothing to write: it is released)."""
+        folder = self.by_name[name]
+        body = data.get(b"BODY[]")
+        budget = self.budget
+        # Ours to release once written (the budget covers the writers' queue).
+        size = message_size(data) if budget is not None else 0
+        if not isinstance(body, bytes) or uid in folder.exported:
+            # BODY[] NIL or no BODY[] at all; or already here.
+            self.skipped += 1
+            if isinstance(body, bytes):
+                folder.received.add(uid)
+            if budget is not None:
+                budget.release(size)
+            return None
+        folder.received.add(uid)
+        return _Pending(folder, uid, body, maildir_flags(data.get(b"FLAGS", ())), size)
 
     async def fetch(
         self,
@@ -194,23 +241,20 @@ class _Run:
                     _FETCH_ITEMS,
                     batch_size=batch_size,
                     max_connections=max_connections,
+                    max_bytes=self.budget,
                 ) as results,
             ):
                 async for name, uid, data in results:
-                    folder = self.by_name[name]
-                    body = data.get(b"BODY[]")
-                    if not isinstance(body, bytes):  # BODY[] NIL, or no BODY[] at all
-                        self.skipped += 1
-                        continue
-                    folder.received.add(uid)
-                    if uid in folder.exported:
-                        self.skipped += 1
-                        continue
-                    item = _Pending(folder, uid, body, maildir_flags(data.get(b"FLAGS", ())))
-                    try:
-                        send.send_nowait(item)
-                    except trio.WouldBlock:
-                        await send.send(item)
+                    item = self._pending(name, uid, data)
+                    # The message is the item's now: nothing here keeps it alive while the
+                    # next one comes, once it is written.
+                    del data
+                    if item is not None:
+                        try:
+                            send.send_nowait(item)
+                        except trio.WouldBlock:
+                            await send.send(item)
+                        del item
                     done = results.progress.folders_done
                     if done != self.folders_done:
                         self.report(done)

@@ -75,16 +75,21 @@ class Checkouts:
         await trio.lowlevel.checkpoint_if_cancelled()
         state = self._state
         timeout = self.config.acquire_timeout if wait_limit is None else wait_limit
-        deadline = trio.current_time() + timeout
+        now = trio.current_time()
+        deadline = now + timeout  # inf with an acquire_timeout of inf: now stays a number
         prefer = None if want is None else _selects(want)
-        now = deadline - timeout
+        waited = again = False
         while True:
             if state.closed:
                 raise PoolClosedError(f"{self.config.name}: the pool is closed")
             slot, actions = state.checkout(now, prefer)
             self._apply(actions)
             if slot is None:
-                slot = await self._wait(timeout, deadline)
+                if not waited:
+                    self._totals.acquire_waits += 1
+                    waited = True
+                # After a connection that failed its check: first in line again, not last.
+                slot = await self._wait(timeout, deadline, first=again)
             else:
                 try:
                     await trio.lowlevel.cancel_shielded_checkpoint()
@@ -101,6 +106,7 @@ class Checkouts:
                 slot, check, want, deadline, timeout
             ):
                 now = trio.current_time()
+                again = True
                 continue
             self._closed_check(slot)  # closed during the check or the SELECT
             self._totals.acquires += 1
@@ -126,12 +132,12 @@ class Checkouts:
             self.release(slot)
             raise PoolClosedError(f"{self.config.name}: the pool closed while waiting")
 
-    async def _wait(self, limit: float, deadline: float) -> PooledClient:
-        """Queue for the next connection released or opened (first come, first served). A
-        connection handed over as the wait is cancelled goes back (to the next waiter)."""
-        self._totals.acquire_waits += 1
+    async def _wait(self, limit: float, deadline: float, *, first: bool) -> PooledClient:
+        """Queue for the next connection released or opened (first come, first served; with
+        *first*, at the head of the line). A connection handed over as the wait is cancelled
+        goes back (to the next waiter)."""
         waiter = _Waiter()
-        self._apply(self._state.wait(waiter, trio.current_time()))
+        self._apply(self._state.wait(waiter, trio.current_time(), first=first))
         try:
             with trio.move_on_at(deadline):
                 await waiter.event.wait()

@@ -249,9 +249,13 @@ class PoolState(Generic[C]):
             self.in_use[chosen] = "task"
         return chosen, actions + self._want(now)
 
-    def wait(self, waiter: Waiter[C], now: float) -> list[Action[C]]:
-        """Queue *waiter* (last) and start openers it needs."""
-        self.waiters[waiter] = None
+    def wait(self, waiter: Waiter[C], now: float, *, first: bool = False) -> list[Action[C]]:
+        """Queue *waiter* (last, or with *first* at the head: a task whose connection failed
+        its check keeps its turn) and start openers it needs."""
+        if first:
+            self.waiters = {waiter: None, **self.waiters}
+        else:
+            self.waiters[waiter] = None
         return self._want(now)
 
     def abandon(self, waiter: Waiter[C], now: float) -> list[Action[C]]:

@@ -553,3 +553,21 @@ async def test_a_server_trickling_after_starttls_keeps_no_thread() -> None:
             assert not opening, f"the open's thread is still reading: {opening}"
             nursery.cancel_scope.cancel()
     assert took < 5, took
+
+
+async def test_an_expired_idle_connection_is_not_handed_out_with_an_infinite_acquire_timeout(
+    account: dict[str, Any],
+) -> None:
+    # acquire_timeout=inf once made the checkout's "now" inf - inf = NaN, and no connection
+    # looked past its lifetime.
+    with trio.fail_after(20):
+        async with open_pool(**account, max_size=1, acquire_timeout=float("inf")) as pool:
+            async with pool.connection() as conn:
+                first = conn._slot
+            (idle,) = pool._state.idle
+            idle.expires_at = trio.current_time() - 1  # past its max_lifetime
+            async with pool.connection() as conn:
+                assert conn._slot is not first
+                await conn.noop()
+            assert pool.statistics().connections_opened == 2
+            await assert_settled(pool)

@@ -178,6 +178,22 @@ def test_waiters_are_served_first_come_first_served() -> None:
     assert len(w.state.waiters) == 1
 
 
+def test_a_task_whose_connection_failed_its_check_keeps_its_turn() -> None:
+    w = world(max_size=1)
+    (conn,) = w.warm(1)
+    first = w.wait()
+    w.release(conn)
+    assert first.conn is conn  # handed over; then its NOOP check fails
+    conn.broken = "the NOOP check failed"
+    later = w.wait()  # came while the check ran
+    w.release(conn)  # dropped: a new one opens
+    again: Waiter[Fake] = Waiter()
+    w.do(w.state.wait(again, w.now, first=True))  # the same task queues again
+    assert list(w.state.waiters) == [again, later]
+    w.open_all()
+    assert again.conn is not None and later.conn is None
+
+
 def test_a_waiter_cancelled_after_it_was_handed_a_connection_gives_it_back() -> None:
     w = world(max_size=1)
     (conn,) = w.warm(1)

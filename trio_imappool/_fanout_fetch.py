@@ -220,7 +220,10 @@ def fetch_many(
     ``budget.release(message_size(data))`` (see :func:`~trio_imappool.wire.message_size`): so a
     budget can also cover what the caller queues and writes. A size is only a plan: once a batch
     arrives it is accounted at the real length of its messages. A message is read whole (imaplib
-    reads a literal in one piece), so the peak is about the budget plus one message being read.
+    reads a literal in one piece), so the peak is about the budget plus one message being read,
+    as long as the server's RFC822.SIZE is true: a server whose sizes are too small gets the
+    batches planned from them sent, and is bounded by message counts only, as without a byte
+    budget (the batches in flight, up to ``2 * max_connections`` of ``batch_size`` messages).
 
     Args:
         pool: The pool to check connections out of.

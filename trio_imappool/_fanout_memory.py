@@ -9,8 +9,10 @@ bound), cuts the batches by bytes as well as by count
 :class:`~trio_imappool._byte_semaphore.ByteSemaphore` from before its FETCH is sent until its
 messages are handed on. A size is only a plan: when a batch arrives, what it holds is
 accounted at the real size of its messages (the literals' lengths), the difference given back
-or taken on top (:meth:`ByteSemaphore.force`), so that a server whose RFC822.SIZE lies can
-overshoot the budget by its lie for one batch, never for long.
+or taken on top (:meth:`ByteSemaphore.force`): no batch is sent while more than the budget is
+held. A server whose RFC822.SIZE is too small is still bounded by message counts only: the
+batches in flight when its sizes show to be false (up to two per task) were planned from them
+and are already sent.
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ async def export_maildir(
             connection, and none at all when nothing is new), and the batches cut to fit (see
             *max_bytes* of :func:`~trio_imappool.fetch_many`). A message larger than the
             budget is fetched alone, once nothing else is held; it is read whole, so the
-            peak is about the budget plus the largest message. None: bounded by message
+            peak is about the budget plus the largest message (when the server's sizes are
+            true; a server whose sizes are too small is bounded by message counts). None:
+            bounded by message
             counts only (``batch_size``), no sizes asked.
 
     Returns:

@@ -188,17 +188,26 @@ async def _token(config: PoolConfig, *, refresh: bool) -> str:
     """Ask the configured provider for an access token (sync ones run in a thread)."""
     provider = config.oauth2_token
     assert provider is not None
+    result: object = None
     try:
-        if inspect.iscoroutinefunction(provider):
-            result = await provider(refresh)
-        else:
-            result = await trio.to_thread.run_sync(provider, refresh, abandon_on_cancel=True)
-            if inspect.isawaitable(result):
-                result = await result
+        # Bounded like the login it is for: a provider that hangs must not hold the opener
+        # (the first login's, which every other waits for) forever.
+        with trio.move_on_after(config.login_timeout) as scope:
+            if inspect.iscoroutinefunction(provider):
+                result = await provider(refresh)
+            else:
+                result = await trio.to_thread.run_sync(provider, refresh, abandon_on_cancel=True)
+                if inspect.isawaitable(result):
+                    result = await result
     except Exception as exc:
         raise ConnectError(
             f"{config.name}: the oauth2_token provider failed: {type(exc).__name__}"
         ) from exc
+    if scope.cancelled_caught:
+        raise ConnectError(
+            f"{config.name}: the oauth2_token provider gave no token within the login "
+            f"timeout ({config.login_timeout:g} s)"
+        )
     if not isinstance(result, str) or not result:
         raise ConnectError(f"{config.name}: the oauth2_token provider gave no token")
     return result

@@ -445,3 +445,22 @@ async def test_no_part_of_a_wrong_non_ascii_password_reaches_an_error_or_log(
     texts += [record.getMessage() for record in caplog.records]
     texts += [str(record.exc_info) for record in caplog.records if record.exc_info]
     assert not _leaks("\n".join(texts), NON_ASCII)
+
+
+async def test_a_token_provider_that_hangs_is_a_connect_error_by_the_login_timeout(
+    account: dict[str, Any],
+) -> None:
+    settings = dict(account)
+    del settings["password"]
+
+    async def provider(refresh: bool) -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with trio.fail_after(10):
+        async with open_pool(
+            **settings, oauth2_token=provider, login_timeout=0.5, acquire_timeout=5
+        ) as pool:
+            with pytest.raises(ConnectError) as info:
+                await pool.run_sync(IMAPClient.noop)
+    assert "gave no token within the login timeout (0.5 s)" in str(info.value)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TypeAlias
 
 import trio
 from imapclient import IMAPClient
@@ -324,9 +324,7 @@ class FanOut:
         for done, outcome in zip(works, outcomes, strict=True):
             cursor.work = done
             if isinstance(outcome, PipelinedFetch):
-                assert outcome.error is not None
-                cursor.step = "select" if outcome.command == "select" else "command"
-                raise outcome.error
+                _raise_failed(outcome, cursor)
             if done.probe:
                 returned = len(outcome.messages) + outcome.skipped
                 self.plan.probed(done, returned, outcome.examined)
@@ -344,9 +342,7 @@ class FanOut:
         for done, outcome in zip(works, outcomes, strict=True):
             cursor.work = done
             if isinstance(outcome, PipelinedFetch):
-                assert outcome.error is not None
-                cursor.step = "select" if outcome.command == "select" else "command"
-                raise outcome.error
+                _raise_failed(outcome, cursor)
             self.plan.sized(done, outcome)
             self.plan.finish(done)
         self._wake()
@@ -446,3 +442,10 @@ def select_and_search(
     """In a worker thread: SELECT (or EXAMINE) *folder* and search it, one round trip."""
     assert isinstance(client, TrackingClient)
     return client.select_and_search(folder, readonly, criteria, charset)
+
+
+def _raise_failed(outcome: PipelinedFetch, cursor: Cursor) -> NoReturn:
+    """Raise the error a pipelined step ended with, the cursor saying which step it was."""
+    assert outcome.error is not None
+    cursor.step = "select" if outcome.command == "select" else "command"
+    raise outcome.error

@@ -215,13 +215,17 @@ class PoolPlaces:
             await trio.sleep(SHARE_EVERY)
             if not self._places:
                 continue
+            # Our own openers wait in the same queue. One that leaves it while Redis is asked
+            # may be in Redis's count and no longer in ours: take the larger of our counts
+            # from before and after, or our own departing opener would close a connection.
+            ours = pool._queued
             try:
                 _, waiting, reset = await self.budget._look(self.key)
                 if reset:
                     await self._renew()
             except BudgetUnavailableError:
                 continue
-            others = waiting - pool._queued  # our own openers wait in the same queue
+            others = waiting - max(ours, pool._queued)
             if others <= 0:
                 continue
             idle = pool.counts.value.idle

@@ -6,9 +6,21 @@ import dataclasses
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
+import trio_util
 
 from trio_imappool import ConfigurationError, PoolConfig, RedisBudget
-from trio_imappool._budget_scripts import ACQUIRE, COUNT, RELEASE, RENEW, redis_keys
+from trio_imappool._budget_places import PoolPlaces
+from trio_imappool._budget_scripts import (
+    ACQUIRE,
+    COUNT,
+    RELEASE,
+    RENEW,
+    SHARE_EVERY,
+    redis_keys,
+)
+from trio_imappool._stats import PoolCounts
 
 URL = "redis://127.0.0.1:1/0"  # never connected to: nothing here talks to Redis
 
@@ -88,3 +100,61 @@ def test_the_restart_fence_defaults_to_two_timeouts_and_a_half_second() -> None:
         assert budget.restart_fence == 1.5
     with RedisBudget(URL, limit=1, restart_fence=0) as budget:
         assert budget.restart_fence == 0.0
+
+
+class _Queue:
+    """A budget whose queue holds one opener of the pool's own, which leaves it (in Redis,
+    then in the pool's count) while the budget is being asked."""
+
+    key = "k"
+    lease = 60.0
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.looks = 0
+
+    def key_for(self, config: object) -> str:
+        return self.key
+
+    async def _look(self, key: str) -> tuple[int, int, bool]:
+        self.looks += 1
+        waiting = 1 if self.pool.queued else 0  # read before the opener left
+        await trio.sleep(0.01)
+        self.pool.queued = 0  # the opener gave up: out of Redis's queue, then out of ours
+        return 1, waiting, False
+
+    async def renew(self, places: list[str], *, key: str | None = None) -> list[str]:
+        return []
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.queued = 1
+        self.closed_idle = 0
+        self.config = object()
+
+    @property
+    def _queued(self) -> int:
+        return self.queued
+
+    @property
+    def counts(self) -> Any:
+        return trio_util.AsyncValue(PoolCounts(2, 1, 1, 0, 0))
+
+    def close_idle(self, count: int = 1) -> int:
+        self.closed_idle += count
+        return count
+
+
+async def test_an_opener_of_ours_leaving_the_queue_while_redis_is_asked_closes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pool = _Pool()
+    budget = _Queue(pool)
+    async with trio.open_nursery() as nursery:
+        places = PoolPlaces(budget, pool, nursery)  # type: ignore[arg-type]
+        places._places[object()] = "p1"  # type: ignore[index]  # one place held
+        await trio.sleep(10 * SHARE_EVERY)
+        nursery.cancel_scope.cancel()
+    assert budget.looks >= 5
+    assert pool.closed_idle == 0  # nobody else waits: the idle connection stays

@@ -10,8 +10,6 @@ on the errors. tests/integration/test_fetch_reader_dovecot.py runs it against Do
 from __future__ import annotations
 
 import imaplib
-import io
-import re
 from typing import Any
 
 import pytest
@@ -21,45 +19,12 @@ from hypothesis import strategies as st
 from trio_imappool._imap import FetchReader, parse_simple_fetch, select_fetch_results
 from trio_imappool._imap import fetch_responses as _fetch_responses
 
-
-class _Chunks(io.RawIOBase):
-    """A raw stream that returns at most *chunk* bytes per read: TCP segments."""
-
-    def __init__(self, data: bytes, chunk: int) -> None:
-        self._data = memoryview(data)
-        self._chunk = chunk
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        size = min(len(buffer), self._chunk, len(self._data))
-        buffer[:size] = self._data[:size]
-        self._data = self._data[size:]
-        return size
+from ._imaplib_double import ScriptedIMAP4
 
 
-class _Wire(imaplib.IMAP4):
-    """An imaplib client whose server is a byte string; tag ``T1`` is in flight."""
-
-    def __init__(self, data: bytes, chunk: int) -> None:  # no super(): no socket
-        self.debug = 0
-        self.state = "SELECTED"
-        self.literal = None
-        self.tagged_commands: dict[Any, Any] = {b"T1": None}
-        self.untagged_responses: dict[str, list[Any]] = {}
-        self.continuation_response = ""
-        self.is_readonly = True
-        self.tagnum = 1
-        self._tls_established = False
-        self._mode_ascii()
-        self.tagpre = b"T"  # type: ignore[assignment]
-        tagre: Any = re.compile(rb"(?P<tag>T\d+) (?P<type>[A-Z]+) (?P<data>.*)", re.ASCII)
-        self.tagre = tagre
-        self._cmd_log_len = 10
-        self._cmd_log_idx = 0
-        self._cmd_log: dict[int, Any] = {}
-        self.file = io.BufferedReader(_Chunks(data, chunk), buffer_size=max(chunk, 8))
+def _client(data: bytes, chunk: int) -> ScriptedIMAP4:
+    """An imaplib client whose server is *data* in segments of *chunk*; tag ``T1`` in flight."""
+    return ScriptedIMAP4(data, chunk=chunk, in_flight=(b"T1",))
 
 
 def _outcome(run: Any) -> tuple[str, Any]:
@@ -71,7 +36,7 @@ def _outcome(run: Any) -> tuple[str, Any]:
 
 def read_fast(data: bytes, chunk: int) -> tuple[str, Any]:
     def run() -> Any:
-        imap = _Wire(data, chunk)
+        imap = _client(data, chunk)
         with FetchReader(imap) as reader:
             typ, _ = imap._command_complete("FETCH", b"T1")
         lines = [x for x in imap.untagged_responses.pop("FETCH", []) if x]
@@ -87,7 +52,7 @@ def read_fast(data: bytes, chunk: int) -> tuple[str, Any]:
 
 def read_generic(data: bytes, chunk: int) -> tuple[str, Any]:
     def run() -> Any:
-        imap = _Wire(data, chunk)
+        imap = _client(data, chunk)
         typ, _ = imap._command_complete("FETCH", b"T1")
         lines = [x for x in imap.untagged_responses.pop("FETCH", []) if x]
         return typ, sorted(map(repr, _fetch_responses(lines, True))), imap.untagged_responses
@@ -107,7 +72,7 @@ def test_the_common_shape_is_parsed_without_the_generic_parser() -> None:
         b"* 2 FETCH (BODY[] {3}\r\nabc FLAGS () UID 8)\r\n"
         b"T1 OK done\r\n"
     ) % (len(body), body)
-    imap = _Wire(wire, 5)
+    imap = _client(wire, 5)
     with FetchReader(imap) as reader:
         assert imap._command_complete("FETCH", b"T1")[0] == "OK"
     assert reader.unparsed == []
@@ -138,7 +103,7 @@ def test_the_common_shape_is_parsed_without_the_generic_parser() -> None:
 )
 def test_other_shapes_go_to_the_generic_parser_and_read_the_same(response: bytes) -> None:
     wire = response + b"T1 OK done\r\n"
-    imap = _Wire(wire, 64)
+    imap = _client(wire, 64)
     with FetchReader(imap) as reader:
         imap._command_complete("FETCH", b"T1")
     assert reader.messages == [] and reader.unparsed
@@ -160,7 +125,7 @@ def test_a_literal_whose_size_lies_reads_as_imaplib_reads_it(told: int) -> None:
 
 def test_eof_in_a_literal_or_a_line_aborts_as_imaplib_does() -> None:
     for wire in (b"* 1 FETCH (UID 5 BODY[] {10}\r\n01234", b"* 1 FETCH (UID 5 FL"):
-        imap = _Wire(wire, 3)
+        imap = _client(wire, 3)
         with FetchReader(imap), pytest.raises(imaplib.IMAP4.abort):
             imap._command_complete("FETCH", b"T1")
         assert read_fast(wire, 3) == read_generic(wire, 3)
@@ -168,7 +133,7 @@ def test_eof_in_a_literal_or_a_line_aborts_as_imaplib_does() -> None:
 
 def test_a_bye_and_a_bad_end_the_read_as_before() -> None:
     bye = b"* 1 FETCH (UID 5 BODY[] {2}\r\nab)\r\n* BYE going away\r\n"
-    imap = _Wire(bye, 8)
+    imap = _client(bye, 8)
     with FetchReader(imap), pytest.raises(imaplib.IMAP4.abort, match="going away"):
         imap._command_complete("FETCH", b"T1")
     bad = b"* 1 FETCH (UID 5 BODY[] {2}\r\nab)\r\nT1 BAD no\r\n"

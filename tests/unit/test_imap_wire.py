@@ -9,8 +9,6 @@ nothing is written to. tests/integration/test_idle.py runs the same steps agains
 from __future__ import annotations
 
 import imaplib
-import io
-import re
 import socket
 import types
 from collections.abc import Iterator
@@ -36,40 +34,15 @@ from trio_imappool._imap import (
 from trio_imappool._imap._fetch import Wanted, message_ids
 from trio_imappool._imap._idle_wire import _event, _read_response
 
+from ._imaplib_double import ScriptedIMAP4
+
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
-
-
-class _Scripted(imaplib.IMAP4):
-    """An imaplib connection whose server says *script*; what the client sends is in ``sent``."""
-
-    def __init__(self, script: bytes) -> None:  # no super(): no socket
-        self.debug = 0
-        self.state = "SELECTED"
-        self.literal = None
-        self.tagged_commands: dict[Any, Any] = {}
-        self.untagged_responses: dict[str, list[Any]] = {}
-        self.continuation_response = ""
-        self.is_readonly = True
-        self.tagnum = 1
-        self._tls_established = False
-        self._mode_ascii()
-        self.tagpre = b"T"  # type: ignore[assignment]
-        tagre: Any = re.compile(rb"(?P<tag>T\d+) (?P<type>[A-Z]+) (?P<data>.*)", re.ASCII)
-        self.tagre = tagre
-        self._cmd_log_len = 10
-        self._cmd_log_idx = 0
-        self._cmd_log: dict[int, Any] = {}
-        self.file = io.BufferedReader(io.BytesIO(script))
-        self.sent: list[bytes] = []
-
-    def send(self, data: ReadableBuffer) -> None:
-        self.sent.append(bytes(data))
+    pass
 
 
 def _client(script: bytes, sock: socket.socket | None = None) -> Any:
     """What the IDLE steps use of a client: its imaplib connection and two attributes."""
-    imap = _Scripted(script)
+    imap = ScriptedIMAP4(script)
     imap.sock = sock  # type: ignore[assignment]
     return types.SimpleNamespace(_imap=imap, normalise_times=True, idling=False)
 
@@ -120,7 +93,7 @@ def test_a_no_becomes_imapclients_error_with_the_servers_words() -> None:
 
 
 def test_a_pipelined_bad_is_returned_and_an_eof_raised() -> None:
-    imap = _Scripted(b"T1 BAD Error in IMAP command\r\nT2 OK done\r\n")
+    imap = ScriptedIMAP4(b"T1 BAD Error in IMAP command\r\nT2 OK done\r\n")
     imap.tagged_commands = {b"T1": None, b"T2": None}
     typ, answer = complete(imap, "FETCH", b"T1")
     assert typ == "BAD" and b"Error in IMAP command" in answer[0]
@@ -151,7 +124,7 @@ def test_a_vanished_set_that_is_not_one_is_a_protocol_error(text: bytes) -> None
 
 
 def test_a_push_with_a_literal_is_read_whole_and_parsed_as_fetch_items() -> None:
-    imap = _Scripted(b"* 3 FETCH (UID 8 BODY[HEADER] {5}\r\nab\r\nc FLAGS (\\Seen))\r\n")
+    imap = ScriptedIMAP4(b"* 3 FETCH (UID 8 BODY[HEADER] {5}\r\nab\r\nc FLAGS (\\Seen))\r\n")
     event = _event(_read_response(imap), True)
     assert (event.kind, event.number) == ("FETCH", 3)
     assert event.data == {b"UID": 8, b"BODY[HEADER]": b"ab\r\nc", b"FLAGS": (b"\\Seen",)}

@@ -92,6 +92,9 @@ def test_a_format_1_state_is_upgraded_with_everything_new_unknown(tmp_path: Path
         '{"format": 2, "folder": "x", "uidvalidity": 1, "uids": "", "synced_below": 0}',
         '{"format": 1, "folder": "x", "uidvalidity": "v", "uids": "", "synced_below": 0}',
         '{"format": 1, "folder": "x", "uidvalidity": 1, "uids": "1:x", "synced_below": 0}',
+        # A damaged range: refused, not four billion UIDs allocated.
+        '{"format": 1, "folder": "x", "uidvalidity": 1, "uids": "1:4294967295", "synced_below": 0}',
+        '{"format": 1, "folder": "x", "uidvalidity": 1, "uids": "1,,2", "synced_below": 0}',
     ],
 )
 def test_an_unknown_or_garbled_state_is_ignored(tmp_path: Path, text: str) -> None:

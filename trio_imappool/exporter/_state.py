@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 from typing import Final
 
-from trio_imappool.wire import uid_set
+from imapclient.exceptions import ProtocolError
+
+from trio_imappool.wire import parse_uid_set, uid_set
 
 from ._base import _STATE_FORMAT, _TMP_PREFIX, STATE_NAME
 
@@ -74,11 +76,14 @@ class FolderState:
 
 
 def _parse_ranges(text: str) -> set[int]:
-    uids: set[int] = set()
-    for part in filter(None, text.split(",")):
-        low, _, high = part.partition(":")
-        uids.update(range(int(low), int(high or low) + 1))
-    return uids
+    """The UIDs of a set as :func:`uid_set` wrote it; ValueError for anything else, a range
+    too large to be true included (a damaged file must not make the run allocate billions)."""
+    if not text:
+        return set()
+    try:
+        return parse_uid_set(text.encode("ascii"))
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _listing(raw: object) -> tuple[int, int, int]:

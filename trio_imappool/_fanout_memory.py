@@ -26,7 +26,7 @@ from imapclient import IMAPClient
 from ._byte_semaphore import ByteSemaphore
 from ._client import PipelinedFetch, TrackingClient
 from ._fanout_plan import ALL_UIDS, SEARCH_SIZES_FROM, Work
-from ._util import uid_set
+from ._util import uid_runs, uid_set
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -129,13 +129,10 @@ def _ranges(uids: Sequence[int]) -> list[Sequence[int]]:
     if isinstance(uids, range) or not uids:
         return [uids]
     runs: list[Sequence[int]] = []
-    start = 0
-    for index in range(1, len(uids) + 1):
-        if index == len(uids) or uids[index] != uids[index - 1] + 1:
-            runs.append(range(uids[start], uids[index - 1] + 1))
-            if len(runs) > _MAX_RANGES:
-                return [uids]
-            start = index
+    for run in uid_runs(uids):
+        runs.append(run)
+        if len(runs) > _MAX_RANGES:
+            return [uids]
     return runs
 
 

@@ -7,9 +7,9 @@ every layer, the ones without trio included, may use it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-__all__ = ["holds_only", "is_loopback", "uid_set"]
+__all__ = ["holds_only", "is_loopback", "uid_runs", "uid_set"]
 
 
 def holds_only(group: BaseExceptionGroup[BaseException], error: BaseException) -> bool:
@@ -41,24 +41,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def uid_runs(uids: Iterable[int]) -> Iterator[range]:
+    """Runs of consecutive UIDs, in the order given: ``[1, 2, 3, 7]`` gives ``range(1, 4)``
+    and ``range(7, 8)``."""
+    start = prev = None
+    for uid in uids:
+        if prev is not None and uid == prev + 1:
+            prev = uid
+            continue
+        if start is not None and prev is not None:
+            yield range(start, prev + 1)
+        start = prev = uid
+    if start is not None and prev is not None:
+        yield range(start, prev + 1)
+
+
 def uid_set(uids: Iterable[int], *, max_chars: int | None = None) -> str:
     """UIDs as a compact IMAP set, runs of consecutive UIDs joined: ``1:200,205``.
 
     Runs are found in the order given (sort first for the shortest set). With *max_chars*, a
     longer set is cut after a whole element and ends with ``,...`` (for messages, not the wire).
     """
-    parts: list[str] = []
-    start = prev = None
-    for uid in uids:
-        if prev is not None and uid == prev + 1:
-            prev = uid
-            continue
-        if start is not None:
-            parts.append(f"{start}" if start == prev else f"{start}:{prev}")
-        start = prev = uid
-    if start is not None:
-        parts.append(f"{start}" if start == prev else f"{start}:{prev}")
-    text = ",".join(parts)
+    text = ",".join(
+        f"{run.start}" if len(run) == 1 else f"{run.start}:{run.stop - 1}" for run in uid_runs(uids)
+    )
     if max_chars is not None and len(text) > max_chars:
         text = text[: max_chars - 3].rsplit(",", 1)[0] + ",..."
     return text

@@ -83,6 +83,8 @@ class Delivery:
     skipped: int
     #: What the batch's EXAMINE said (only where the batch had one).
     examined: dict[bytes, Any] | None = None
+    #: The bytes of the messages left in it, as a memory budget counts them (-1: not counted).
+    nbytes: int = -1
 
 
 class Cursor:

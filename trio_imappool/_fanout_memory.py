@@ -45,7 +45,11 @@ _BATCHES_PER_TASK = 2
 def message_size(data: Mapping[bytes, Any]) -> int:
     """The bytes a fetched message holds, as a memory budget counts them: the total length of
     its byte strings (``BODY[]``, headers, ``RFC822``...), other items not counted."""
-    return sum(len(value) for value in data.values() if isinstance(value, bytes))
+    size = 0
+    for value in data.values():  # once per message or more: a loop, not sum() of a generator
+        if isinstance(value, bytes):
+            size += len(value)
+    return size
 
 
 def batch_bytes(budget: ByteSemaphore, workers: int) -> int:

@@ -809,3 +809,77 @@ async def test_criteria_fetch_their_first_batch_with_the_search_in_one_round_tri
     assert searched == []  # no separate SELECT + SEARCH
     assert fetches.sizes == [10, 5]  # 11:20 and 21:25 after the first batch
     assert progress == Progress(24, 24, 24 * 400, 3, 3, 1, 1)
+
+
+# -- a batch at a time ----------------------------------------------------------------------------
+
+
+async def test_batches_give_the_same_messages_as_the_iteration_with_one_checkpoint_each(
+    imap_server: ImapServer, imap_account: dict[str, Any]
+) -> None:
+    uids = seed(imap_server, imap_account, {"INBOX": 23, "Other": 9}, size=700)
+    async with open_pool(**imap_account, max_size=2) as pool:
+        async with fetch_many(pool, uids, BODY, batch_size=5) as results:
+            one_by_one = [(folder, uid, data[b"BODY[]"]) async for folder, uid, data in results]
+        async with fetch_many(pool, uids, BODY, batch_size=5) as results:
+            batches = [batch async for batch in results.batches()]
+            last = results.progress
+        await assert_settled(pool)
+    # Whole batches of one folder each, ascending by UID, never empty.
+    assert all(0 < len(messages) <= 5 for _, messages in batches)
+    assert all(
+        [uid for uid, _ in messages] == sorted(uid for uid, _ in messages)
+        for _, messages in batches
+    )
+    assert len(batches) == 5 + 2
+    flat = [
+        (folder, uid, data[b"BODY[]"]) for folder, messages in batches for uid, data in messages
+    ]
+    assert sorted(flat) == sorted(one_by_one)
+    for folder, uid, body in flat:
+        assert body == make_message(folder, uids[folder].index(uid), 700)
+    assert last == Progress(32, 32, 32 * len(flat[0][2]), 7, 7, 2, 2)
+
+
+async def test_batches_and_single_messages_mix_and_a_batch_is_what_is_left_of_it(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = seed(dovecot, account, {"INBOX": 12})
+    async with (
+        open_pool(**account, max_size=1) as pool,
+        fetch_many(pool, uids, BODY, batch_size=6) as results,
+    ):
+        batches = results.batches()
+        _, first, _ = await results.__anext__()
+        _, rest = await batches.__anext__()
+        folder, second = await batches.__anext__()
+        with pytest.raises(StopAsyncIteration):
+            await batches.__anext__()
+    assert [first, *(uid for uid, _ in rest)] == uids["INBOX"][:6]
+    assert [uid for uid, _ in second] == uids["INBOX"][6:]
+    assert folder == "INBOX"
+
+
+async def test_batches_keep_an_int_budget_until_the_next_batch_is_asked_for(
+    dovecot: DovecotServer, account: dict[str, Any]
+) -> None:
+    uids = seed(dovecot, account, {"A": 8, "B": 8}, size=4_000)
+    held: list[int] = []
+    with trio.fail_after(60):
+        async with (
+            open_pool(**account, max_size=2) as pool,
+            fetch_many(pool, uids, BODY, batch_size=4, max_bytes=10_000) as results,
+        ):
+            memory = results._memory
+            assert memory is not None
+            got = 0
+            async for _, messages in results.batches():
+                got += len(messages)
+                # What the batch holds is still on the budget while the caller has it...
+                held.append(memory.budget.in_use)
+                assert memory.budget.in_use >= sum(len(d[b"BODY[]"]) for _, d in messages)
+                await trio.sleep(0.05)
+            # ...and given back once the next one is asked for (here: the end).
+            assert memory.budget.in_use == 0
+    assert got == 16
+    assert max(held) <= 10_000 + 4 * 4_100  # the budget, and at most one batch over it

@@ -116,7 +116,13 @@ class Wanted:
         self._set = {uid for part in parts if not isinstance(part, range) for uid in part}
 
     def __contains__(self, uid: object) -> bool:
-        return uid in self._set or any(uid in part for part in self._ranges)
+        # Asked once per message read: a loop, not any() over a generator.
+        if uid in self._set:
+            return True
+        for part in self._ranges:  # noqa: SIM110 (no generator per message)
+            if uid in part:
+                return True
+        return False
 
 
 def read_fetch_results(
@@ -145,7 +151,11 @@ def select_fetch_results(
         uid = items.get(b"UID")
         if not isinstance(uid, int) or (wanted is not None and uid not in wanted):
             continue
-        results.setdefault(uid, {}).update(items)
+        merged = results.get(uid)
+        if merged is None:
+            results[uid] = items  # each response is parsed into a dict of its own: no copy
+        else:
+            merged.update(items)
     return results
 
 

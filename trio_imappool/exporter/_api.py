@@ -12,7 +12,7 @@ import trio
 
 from trio_imappool.wire import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET, check_wire_text
 
-from ._base import _WRITE_BATCH, _WRITERS, ExportError
+from ._base import _WRITE_QUEUE, _WRITERS, ExportError
 from ._flags import _flag_pass, _plan_flags, _remove_gone
 from ._local import _Folder, _Pending, _plan, _prepare
 from ._results import ExportProgress, ExportResult, FolderReport
@@ -235,7 +235,7 @@ async def _export(
             break
         run.retry = False
         run.report()
-        send, receive = trio.open_memory_channel[_Pending](_WRITE_BATCH)
+        send, receive = trio.open_memory_channel[list[_Pending]](_WRITE_QUEUE)
         async with trio.open_nursery() as nursery:
             for _ in range(_WRITERS):
                 nursery.start_soon(run.writer, receive.clone(), nursery.cancel_scope)

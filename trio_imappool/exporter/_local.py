@@ -64,6 +64,7 @@ class _Folder:
     flags_changed: int = 0
     gone_new: int = 0  # noticed gone in this run
     removed: int = 0  # files of gone messages removed in this run
+    _tmp_str: str | None = None
 
     @property
     def cur(self) -> Path:
@@ -80,6 +81,13 @@ class _Folder:
     @property
     def tmp(self) -> Path:
         return self.path / "tmp"
+
+    @property
+    def tmp_str(self) -> str:
+        """``tmp/`` as a str, made once (the writers open a file in it per message)."""
+        if self._tmp_str is None:
+            self._tmp_str = os.fspath(self.tmp)
+        return self._tmp_str
 
     def state(self, listing: tuple[int, int, int] = (0, 0, 0)) -> FolderState:
         """The state after the run: every message below the UIDNEXT listed is here, or below
@@ -317,12 +325,12 @@ def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
     commit can serve many of them, before any is put into ``cur/``; then ``cur/`` is flushed.
     """
     written: list[tuple[_Pending, int, str | None]] = []  # message, fd, name in tmp/ or None
-    cur_fds: dict[Path, int] = {}
+    cur_fds: dict[_Folder, int] = {}
 
     def cur_fd(folder: _Folder) -> int:
-        fd = cur_fds.get(folder.cur)
+        fd = cur_fds.get(folder)
         if fd is None:
-            fd = cur_fds[folder.cur] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
+            fd = cur_fds[folder] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
         return fd
 
     try:
@@ -367,12 +375,13 @@ def _open_tmp(folder: _Folder) -> tuple[int, str | None]:
     """A new file in the folder's ``tmp/``: unnamed where possible, else named."""
     if _UNNAMED and folder.unnamed_tmp:
         try:
-            return os.open(folder.tmp, _UNNAMED | os.O_WRONLY | os.O_CLOEXEC, 0o600), None
+            return os.open(folder.tmp_str, _UNNAMED | os.O_WRONLY | os.O_CLOEXEC, 0o600), None
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
             folder.unnamed_tmp = False  # this file system cannot
-    tmp = f"{folder.tmp}/{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_tmp_numbers)}"
+    number = next(_tmp_numbers)
+    tmp = f"{folder.tmp_str}/{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{number}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     return os.open(tmp, flags, 0o600), tmp
 

@@ -171,16 +171,15 @@ class _Run:
         scope.cancel()
 
     async def writer(
-        self, receive: trio.MemoryReceiveChannel[_Pending], scope: trio.CancelScope
+        self, receive: trio.MemoryReceiveChannel[list[_Pending]], scope: trio.CancelScope
     ) -> None:
         try:
             async with receive:
-                async for first in receive:
-                    batch = [first]
-                    del first  # below, nothing keeps a message alive once it is written
+                async for batch in receive:
+                    # More of what is queued, up to a write batch: one thread hop for many.
                     with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                         while len(batch) < _WRITE_BATCH:
-                            batch.append(receive.receive_nowait())
+                            batch += receive.receive_nowait()
                     try:
                         await trio.to_thread.run_sync(
                             _write_batch, batch, self.fsync, limiter=self.limiter
@@ -188,7 +187,7 @@ class _Run:
                     except OSError as exc:
                         raise ExportError(f"cannot write to {batch[0].folder.path}: {exc}") from exc
                     self._written(batch)
-                    batch.clear()
+                    batch.clear()  # nothing keeps a message alive once it is written
                     self.report()
         except Exception as exc:
             self.fail(exc, scope)
@@ -204,23 +203,28 @@ class _Run:
             self.messages += 1
             self.bytes += len(item.body)
 
-    def _pending(self, name: str, uid: int, data: dict[bytes, Any]) -> _Pending | None:
-        """A fetched message to write, or None (nothing to write: it is released)."""
+    def _pending(self, name: str, messages: list[tuple[int, dict[bytes, Any]]]) -> list[_Pending]:
+        """A fetched batch's messages to write (those with nothing to write are released)."""
         folder = self.by_name[name]
-        body = data.get(b"BODY[]")
         budget = self.budget
-        # Ours to release once written (the budget covers the writers' queue).
-        size = message_size(data) if budget is not None else 0
-        if not isinstance(body, bytes) or uid in folder.exported:
-            # BODY[] NIL or no BODY[] at all; or already here.
-            self.skipped += 1
-            if isinstance(body, bytes):
-                folder.received.add(uid)
-            if budget is not None:
-                budget.release(size)
-            return None
-        folder.received.add(uid)
-        return _Pending(folder, uid, body, maildir_flags(data.get(b"FLAGS", ())), size)
+        exported, received = folder.exported, folder.received
+        pending = []
+        for uid, data in messages:
+            body = data.get(b"BODY[]")
+            # Ours to release once written (the budget covers the writers' queue).
+            size = message_size(data) if budget is not None else 0
+            if not isinstance(body, bytes) or uid in exported:
+                # BODY[] NIL or no BODY[] at all; or already here.
+                self.skipped += 1
+                if isinstance(body, bytes):
+                    received.add(uid)
+                if budget is not None:
+                    budget.release(size)
+                continue
+            received.add(uid)
+            flags = maildir_flags(data.get(b"FLAGS", ()))
+            pending.append(_Pending(folder, uid, body, flags, size))
+        return pending
 
     async def fetch(
         self,
@@ -228,7 +232,7 @@ class _Run:
         chosen: Sequence[_Folder],
         batch_size: int,
         max_connections: int | None,
-        send: trio.MemorySendChannel[_Pending],
+        send: trio.MemorySendChannel[list[_Pending]],
         scope: trio.CancelScope,
     ) -> None:
         specs = {f.server.name: f.spec for f in chosen if f.spec is not None}
@@ -244,17 +248,19 @@ class _Run:
                     max_bytes=self.budget,
                 ) as results,
             ):
-                async for name, uid, data in results:
-                    item = self._pending(name, uid, data)
-                    # The message is the item's now: nothing here keeps it alive while the
-                    # next one comes, once it is written.
-                    del data
-                    if item is not None:
+                # A batch at a time: one checkpoint and one hand-over per batch, not per
+                # message (most of the iteration's cost for small messages).
+                async for name, messages in results.batches():
+                    items = self._pending(name, messages)
+                    # The messages are the items' now: nothing here keeps them alive while
+                    # the next batch comes, once they are written.
+                    del messages
+                    if items:
                         try:
-                            send.send_nowait(item)
+                            send.send_nowait(items)
                         except trio.WouldBlock:
-                            await send.send(item)
-                        del item
+                            await send.send(items)
+                        del items
                     done = results.progress.folders_done
                     if done != self.folders_done:
                         self.report(done)

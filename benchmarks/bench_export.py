@@ -519,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--tls", action="store_true", help="implicit TLS for every tool")
     parser.add_argument("--no-peers", action="store_true", help="skip OfflineIMAP and mbsync")
+    parser.add_argument("--no-offlineimap", action="store_true", help="skip OfflineIMAP only")
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
@@ -526,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers, notes = (
         ({}, ["peers skipped: --no-peers"]) if args.no_peers else find_peers(not args.no_install)
     )
+    if args.no_offlineimap and peers.get("offlineimap"):
+        peers["offlineimap"] = False
+        notes.append("OfflineIMAP skipped: --no-offlineimap")
     with (
         tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.maildir_root) as tmp,
         start_dovecot(users={USER: PASSWORD}, max_userip_connections=200) as server,

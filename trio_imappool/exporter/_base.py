@@ -34,13 +34,15 @@ _DENSE_SLACK: Final = 500
 _MAX_CRITERIA_CHARS: Final = 20_000
 # Writer tasks (each a worker thread while it writes) and messages per thread hop. Few and big:
 # the fetching threads need the GIL too, and on a 2-core machine 4 writers of 64 were slower.
-# The fetch hands the writers whole fetched batches; at most _WRITE_QUEUE of them wait in the
-# queue, beside those being written (with a memory budget, all of them count on it).
+# The fetch hands each batch to the writers in chunks of _WRITE_BATCH; _WRITE_QUEUE chunks wait
+# in the queue. Messages held for writing: the queue's and one chunk per writer (384 with
+# these values), beside the batch the fetch is handing on; with a memory budget, all of them
+# count on it.
 _WRITERS: Final = 2
 # Messages of full FLAGS listings per connection in a flag pass (see _flag_pass).
 _FLAGS_PER_CONNECTION: Final = 5_000
 _WRITE_BATCH: Final = 128
-_WRITE_QUEUE: Final = 2
+_WRITE_QUEUE: Final = 1
 
 
 class ExportError(PoolError):

@@ -317,6 +317,7 @@ class _Pending:
 
 def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
     """Write messages, and put each into ``cur/`` only once it is complete. Synchronous.
+    Raises ExportError naming the folder that could not be written.
 
     A message is written to an unnamed file in its folder's ``tmp/`` (``O_TMPFILE``, Linux)
     and then linked into ``cur/`` under its final name; where the file system cannot make
@@ -333,18 +334,23 @@ def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
             fd = cur_fds[folder] = os.open(folder.cur, os.O_RDONLY | os.O_DIRECTORY)
         return fd
 
+    # Errors name the folder whose message could not be written: a batch may hold several.
+    where = batch[0].folder.path if batch else None
     try:
         for item in batch:
+            where = item.folder.path
             fd, tmp = _open_tmp(item.folder)
             written.append((item, fd, tmp))
             view = memoryview(item.body)
             while view:
                 view = view[os.write(fd, view) :]
         if fsync:
-            for _, fd, _ in written:
+            for item, fd, _ in written:
+                where = item.folder.path
                 os.fsync(fd)
         for index, (item, fd, tmp) in enumerate(written):
             folder = item.folder
+            where = folder.path
             name = message_filename(folder.server.uidvalidity, item.uid, len(item.body), item.flags)
             if tmp is not None:
                 os.rename(tmp, f"{folder.path}/cur/{name}")
@@ -356,8 +362,11 @@ def _write_batch(batch: Sequence[_Pending], fsync: bool) -> None:
             with contextlib.suppress(FileExistsError):  # the same name is the same message
                 os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=cur_fd(folder))
         if fsync:
-            for cur in cur_fds.values():
+            for folder, cur in cur_fds.items():
+                where = folder.path
                 os.fsync(cur)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {where}: {exc}") from exc
     finally:
         for _, fd, tmp in written:
             os.close(fd)

@@ -176,16 +176,10 @@ class _Run:
         try:
             async with receive:
                 async for batch in receive:
-                    # More of what is queued, up to a write batch: one thread hop for many.
-                    with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                        while len(batch) < _WRITE_BATCH:
-                            batch += receive.receive_nowait()
-                    try:
-                        await trio.to_thread.run_sync(
-                            _write_batch, batch, self.fsync, limiter=self.limiter
-                        )
-                    except OSError as exc:
-                        raise ExportError(f"cannot write to {batch[0].folder.path}: {exc}") from exc
+                    # Raises ExportError naming the folder it could not write to.
+                    await trio.to_thread.run_sync(
+                        _write_batch, batch, self.fsync, limiter=self.limiter
+                    )
                     self._written(batch)
                     batch.clear()  # nothing keeps a message alive once it is written
                     self.report()
@@ -255,12 +249,16 @@ class _Run:
                     # The messages are the items' now: nothing here keeps them alive while
                     # the next batch comes, once they are written.
                     del messages
-                    if items:
+                    # To the writers in chunks of a write batch: one thread hop each, and
+                    # the messages waiting to be written bounded by counts without a budget.
+                    for start in range(0, len(items), _WRITE_BATCH):
+                        chunk = items[start : start + _WRITE_BATCH]
                         try:
-                            send.send_nowait(items)
+                            send.send_nowait(chunk)
                         except trio.WouldBlock:
-                            await send.send(items)
-                        del items
+                            await send.send(chunk)
+                        del chunk
+                    del items
                     done = results.progress.folders_done
                     if done != self.folders_done:
                         self.report(done)

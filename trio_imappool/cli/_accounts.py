@@ -262,6 +262,7 @@ async def _work(
                             memory_budget=settings.get("memory_budget") * 1024 * 1024,
                             max_connections=opts["max_size"],
                             fsync=settings.get("fsync"),
+                            delete=bool(settings.get("delete")),
                         )
                     finished = True
                     nursery.cancel_scope.cancel()
@@ -280,6 +281,9 @@ async def _work(
             else:
                 if finished:
                     report = f"{name}: exported {result.messages_fetched} messages"
+                    removed = sum(f.removed for f in result.folders)
+                    if removed:  # only with --delete
+                        report += f", removed {removed} gone from the server"
             if finished:
                 await budget.run_script(_FINISH, keys, [name, owner, DONE_TTL])
                 left.discard(name)

@@ -207,6 +207,8 @@ class Settings:
             "max_size": connections,
             "insecure_plaintext": self.get("insecure_plaintext"),
             "insecure_skip_tls_verify": self.get("insecure_skip_tls_verify"),
+            # The command exits when its pool closes: LOGOUT is sent, its answer not awaited.
+            "wait_for_logout": False,
         }
         if self.get("ca_file"):
             options["ca_file"] = os.path.expanduser(self.get("ca_file"))

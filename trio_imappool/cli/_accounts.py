@@ -31,7 +31,6 @@ import hashlib
 import os
 import re
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -132,6 +131,8 @@ def _env_name(user: str) -> str:
 
 def _load_accounts(path: Path) -> dict[str, dict[str, str]]:
     """Account name -> its settings (``user``, ``host``, ``password_command``, ``password_env``)."""
+    import tomllib  # only with --accounts: not on every run's start-up
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -87,8 +87,8 @@ async def test_closing_without_waiting_for_logout_saves_the_round_trip_and_ends_
             took = await use_and_close(kwargs, 3)
             if wait:  # the answer crossed the proxy back
                 assert took >= 2 * ONE_WAY
-            else:  # written, and the sockets closed: no round trip
-                assert took < ONE_WAY
+            else:  # written, and the sockets closed: less than the round trip
+                assert took < 2 * ONE_WAY
             # The proxy delivers what was written (LOGOUT, then the close) while it runs.
             ends = await trio.to_thread.run_sync(session_ends, server, offset)
     assert ends == ["Logged out"] * 3

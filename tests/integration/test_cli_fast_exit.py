@@ -113,6 +113,48 @@ async def test_a_connection_retired_without_waiting_for_logout_is_replaced(
     assert ends == ["Logged out"] * 2
 
 
+async def test_with_a_budget_places_come_back_once_the_server_has_closed(
+    dovecot_factory: DovecotFactory, redis_server: RedisServer
+) -> None:
+    """Not waiting for LOGOUT's answer does not give a budget's place back early: Dovecot
+    counts a session until it has closed its end, so a place given back at our close would
+    let a process elsewhere be refused. At the server's limit, pools open and close in turn,
+    each logging in as many connections as the limit allows, and none is refused."""
+    limit = 3
+    server = dovecot_factory(users={USER: PASSWORD}, max_userip_connections=limit)
+    kwargs = server.pool_kwargs(USER, tls=False)
+    budget = trio_imappool.RedisBudget(
+        redis_server.url, limit=limit, lease=1.5, timeout=0.5, key="fast", restart_fence=0.0
+    )
+    # Through a proxy, LOGOUT reaches the server 0.2 s after our close: a place given back
+    # at the close would be free while the server still counts the session.
+    with trio.fail_after(30), budget:
+        async with open_fault_proxy(server.host, kwargs["port"], up=0.2, down=0.02) as proxy:
+            kwargs["port"] = proxy.port
+            for _ in range(3):
+                async with trio_imappool.open_pool(
+                    **kwargs, max_size=limit, budget=budget, wait_for_logout=False
+                ) as pool:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(limit):
+
+                            async def use() -> None:
+                                async with pool.connection("INBOX"):
+                                    await trio.sleep(0.05)
+
+                            nursery.start_soon(use)
+                    await pool.counts.wait_value(lambda c: c.idle == limit)
+                stats = pool.statistics()
+                assert (stats.connections_opened, stats.open_failures) == (limit, 0), stats
+                for _ in range(500):  # the places come back in the background
+                    if (await budget.counts())[0] == 0:
+                        break
+                    await trio.sleep(0.01)
+                assert await budget.counts() == (0, 0)
+                # Given back only once the server had closed every session.
+                assert await trio.to_thread.run_sync(server.connections, USER) == 0
+
+
 def test_the_wait_for_logout_option_is_checked() -> None:
     with pytest.raises(trio_imappool.ConfigurationError, match="wait_for_logout"):
         trio_imappool.PoolConfig.build(

@@ -2,7 +2,10 @@
 
 import sys
 
-from trio_imappool.cli import main
+# main: the name the scripts of earlier installations import from here.
+from trio_imappool.cli import console_main, main
+
+__all__ = ["console_main", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -25,6 +25,7 @@ from ._checkout import Checkout, Checkouts, wake
 from ._client import PooledClient, TrackingClient
 from ._config import ConfigOptions, PoolConfig, PoolOptions, check_wire_text
 from ._errors import ConfigurationError, PoolClosedError
+from ._imap import logout_unanswered
 from ._nursery import open_nursery_unwrapped
 from ._opening import Openers, housekeeping, unselect, warn_insecure
 from ._state import Action, Close, Housekeep, Logout, Open, PoolState, Sizing, Wake
@@ -201,12 +202,13 @@ class Pool:
             self._checkouts.release(slot)
 
     async def _logout(self, slot: PooledClient) -> None:
-        """LOGOUT (bounded by ``logout_timeout``), then close. Never raises but Cancelled."""
+        """LOGOUT (bounded by ``logout_timeout``; its answer not awaited unless
+        ``wait_for_logout``), then close. Never raises but Cancelled."""
         if self._budget is not None:  # keep watching the socket that LOGOUT closes
             self._budget.watch(slot)
         config = self.config
         try:
-            logout = TrackingClient.logout
+            logout = TrackingClient.logout if config.wait_for_logout else logout_unanswered
             await housekeeping(
                 slot, logout, config.logout_timeout, self._thread_limiter, config.name
             )

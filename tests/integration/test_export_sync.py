@@ -555,15 +555,6 @@ async def test_delete_never_removes_a_message_a_short_flags_listing_leaves_out(
         assert local_flags(root, "Other") == {}
 
 
-def test_delete_with_many_accounts_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    result = cli(
-        "export", "--accounts", str(tmp_path / "none.toml"), "--delete", str(tmp_path / "m"),
-        password="x",
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "--delete is not supported with --accounts" in result.stderr
-
-
 def age_directories(root: Path, seconds: float = 10) -> None:
     """Make every folder's cur/ and new/ look untouched for *seconds* (file times are what
     tells a run whether it must list the files)."""

@@ -75,6 +75,13 @@ def test_plaintext_to_a_remote_host_needs_the_insecure_flag() -> None:
     assert Settings(loud, env).pool_options()["insecure_plaintext"] is True
 
 
+def test_the_command_does_not_wait_for_the_answer_to_logout() -> None:
+    """The process ends when its pool closes: LOGOUT is sent, its answer not awaited."""
+    args = export_args("--host", "127.0.0.1", "--user", "u", "--plain")
+    options = Settings(args, {f"{ENV}PASSWORD": "p"}).pool_options()
+    assert options["wait_for_logout"] is False
+
+
 def test_errors_are_classified_by_their_cause_chain() -> None:
     def caused(outer: Exception, inner: BaseException) -> Exception:
         outer.__cause__ = inner

@@ -73,6 +73,7 @@ from ._sockets import (
     close_client,
     has_buffered_data,
     holds_unread,
+    logout_unanswered,
     set_timeouts,
     socket_of,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "holds_unread",
     "list_with_status",
     "login_with_literals",
+    "logout_unanswered",
     "message_set",
     "open_watch",
     "parse_flag_responses",

@@ -29,6 +29,7 @@ __all__ = [
     "close_client",
     "has_buffered_data",
     "holds_unread",
+    "logout_unanswered",
     "set_timeouts",
     "socket_of",
 ]
@@ -193,3 +194,19 @@ def close_client(client: Any) -> None:
     client.logged_out = True
     with contextlib.suppress(OSError):
         client._imap.shutdown()
+
+
+def logout_unanswered(client: Any) -> None:
+    """Write LOGOUT and close the socket at once, without reading the answer. Blocking (the
+    write, bounded by the socket's timeout); only when no thread is using the client.
+
+    The server ends the session when it reads the LOGOUT (RFC 9051 6.1.3: it answers BYE and
+    OK, then closes): the answer is not waited for, which saves a round trip when the client
+    is done. The socket is closed however the write goes.
+    """
+    imap = client._imap
+    try:
+        imap.state = "LOGOUT"
+        imap._command("LOGOUT")
+    finally:
+        close_client(client)

@@ -10,7 +10,7 @@ the docstring of :mod:`trio_imappool.cli._parser`). The modules: ``_settings`` (
 """
 
 from ._errors import classify
-from ._main import main
+from ._main import console_main, main
 from ._settings import EXIT_CODES, Settings, UsageError
 
-__all__ = ["EXIT_CODES", "Settings", "UsageError", "classify", "main"]
+__all__ = ["EXIT_CODES", "Settings", "UsageError", "classify", "console_main", "main"]

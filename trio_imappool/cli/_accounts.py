@@ -31,7 +31,6 @@ import hashlib
 import os
 import re
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -132,6 +131,8 @@ def _env_name(user: str) -> str:
 
 def _load_accounts(path: Path) -> dict[str, dict[str, str]]:
     """Account name -> its settings (``user``, ``host``, ``password_command``, ``password_env``)."""
+    import tomllib  # only with --accounts: not on every run's start-up
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -262,6 +263,7 @@ async def _work(
                             memory_budget=settings.get("memory_budget") * 1024 * 1024,
                             max_connections=opts["max_size"],
                             fsync=settings.get("fsync"),
+                            delete=bool(settings.get("delete")),
                         )
                     finished = True
                     nursery.cancel_scope.cancel()
@@ -280,6 +282,9 @@ async def _work(
             else:
                 if finished:
                     report = f"{name}: exported {result.messages_fetched} messages"
+                    removed = sum(f.removed for f in result.folders)
+                    if removed:  # only with --delete
+                        report += f", removed {removed} gone from the server"
             if finished:
                 await budget.run_script(_FINISH, keys, [name, owner, DONE_TTL])
                 left.discard(name)

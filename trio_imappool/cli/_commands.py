@@ -52,8 +52,6 @@ def _run_export(args: argparse.Namespace, out: TextIO) -> int:
     if not maildir:
         raise UsageError("no destination: give MAILDIR (or maildir in the config file)")
     if settings.get("accounts"):  # many accounts, shared with other workers
-        if settings.get("delete"):
-            raise UsageError("--delete is not supported with --accounts (yet)")
         return _accounts.run_accounts(args, settings, out)
     root = Path(os.path.expanduser(maildir))
     options = settings.pool_options()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import logging
 import sys
@@ -48,6 +49,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     with _logging(args.debug, args.verbose):
         return _main(args, out)
+
+
+def console_main() -> int:
+    """:func:`main` for a process of its own: the ``trio-imappool`` script and ``python -m
+    trio_imappool``. Returns the exit status.
+
+    The same as :func:`main`, for a process that ends when it returns, with the garbage
+    collector told so (:func:`gc.freeze`): the objects made until then (modules, classes,
+    functions, which live as long as the process) are left out of every later collection,
+    first those made by the imports, then, when the command is done, all of them. Without
+    the second, the interpreter's collections at exit walk every object only to free memory
+    the operating system takes back anyway: about 50 ms on a small machine, a tenth of a
+    no-change export. Exit handlers, flushing and closing files happen as usual; only objects
+    kept alive by a reference cycle are not finalized at exit (the command leaves no file or
+    connection to them).
+    """
+    gc.freeze()
+    try:
+        return main()
+    finally:
+        gc.freeze()
 
 
 @contextlib.contextmanager

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import getpass
 import os
 import subprocess
 import sys
-import tomllib
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +90,8 @@ def _parse_bool(text: str, where: str) -> bool:
 
 
 def _load_config(path: str) -> dict[str, Any]:
+    import tomllib  # only with a config file: not on every run's start-up
+
     try:
         with open(os.path.expanduser(path), "rb") as file:
             data = tomllib.load(file)
@@ -165,6 +165,8 @@ class Settings:
         if env_password:
             return lambda: env_password
         if sys.stdin is not None and sys.stdin.isatty():
+            import getpass  # only when asking
+
             password = getpass.getpass(f"Password for {user} on {host}: ")
             return lambda: password
         raise UsageError(
@@ -207,6 +209,8 @@ class Settings:
             "max_size": connections,
             "insecure_plaintext": self.get("insecure_plaintext"),
             "insecure_skip_tls_verify": self.get("insecure_skip_tls_verify"),
+            # The command exits when its pool closes: LOGOUT is sent, its answer not awaited.
+            "wait_for_logout": False,
         }
         if self.get("ca_file"):
             options["ca_file"] = os.path.expanduser(self.get("ca_file"))

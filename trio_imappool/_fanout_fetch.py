@@ -9,6 +9,7 @@ time, with the progress.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -235,10 +236,15 @@ def fetch_many(
     EXAMINE each needs, and then reads the answers (IMAP lets a client pipeline commands;
     imapclient alone cannot): EXAMINE A, FETCH A, EXAMINE B, FETCH B cost one round trip, not
     four. Over a slow link that halves the round trips of a fetch, and more where folders
-    change often. ``"ALL"`` costs no search: the folder's first UID range is fetched with its
-    EXAMINE, and the rest planned from the UIDNEXT and EXISTS it returns, so it is as fast as
-    a UID list. Other criteria, where the server has SEARCHRES and ESEARCH (RFC 5182 and
-    4731: Dovecot has both, Gmail only ESEARCH), fetch the folder's first batch
+    change often. A folder given as UIDs is examined once per connection and call, not before
+    every batch (those UIDs existed before the call, and the session has seen them since; an
+    EXAMINE makes a server such as Dovecot look through the whole folder, so one per batch
+    costs in proportion to the folder's size): a message appended during the call is
+    returned only if a connection examined the folder after it came. ``"ALL"`` costs no
+    search: the folder's first UID range is fetched with its EXAMINE, and the rest planned
+    from the UIDNEXT and EXISTS it returns, so it is as fast as a UID list. Other criteria,
+    where the server has SEARCHRES and ESEARCH (RFC 5182 and 4731: Dovecot has both, Gmail
+    only ESEARCH), fetch the folder's first batch
     with its search (EXAMINE, the search, the same search among UIDs 1 to *batch_size* saved
     as ``$``, and ``UID FETCH $``, in one round trip); elsewhere they cost one round trip
     (SELECT and UID SEARCH together) before the folder's first batches. With ``"ALL"`` the
@@ -356,10 +362,11 @@ def fetch_pipelined(
     fields: list[str | bytes],
     reading: list[int],
     fresh: frozenset[int],
+    current: tuple[frozenset[str], float] | None = None,
 ) -> list[PipelinedFetch]:
     """In a worker thread: the batches' EXAMINEs and FETCHes sent at once, then read."""
     assert isinstance(client, TrackingClient)
-    return client.fetch_pipelined(steps, fields, reading, fresh)
+    return client.fetch_pipelined(steps, fields, reading, fresh, current)
 
 
 @asynccontextmanager
@@ -372,6 +379,10 @@ async def _fetch_many(
     memory: FetchMemory | None,
 ) -> AsyncIterator[FetchResults]:
     wanted = _data_keys(fields)
+    # The folders given as UIDs: every UID asked for there existed before the call, so a
+    # connection that examined the folder since needs no EXAMINE before its next batch.
+    listed = frozenset(folder for folder, spec in plan.items() if not isinstance(spec, Search))
+    current = (listed, time.monotonic())
 
     def delivery(outcome: PipelinedFetch, work: Work) -> Delivery | PipelinedFetch:
         if outcome.fetched is None:
@@ -406,7 +417,7 @@ async def _fetch_many(
         fresh = frozenset(index for index, work in enumerate(works) if work.probe)
         reading = [0]
         try:
-            outcomes = await conn.run_sync(fetch_pipelined, steps, fields, reading, fresh)
+            outcomes = await conn.run_sync(fetch_pipelined, steps, fields, reading, fresh, current)
         except Exception:
             cursor.work = works[reading[0]]
             cursor.step = "command"

@@ -113,3 +113,24 @@ async def test_a_fetch_on_a_connection_that_had_the_folder_selected_sees_new_mes
         assert got == [new], progress
     finally:
         await trio.to_thread.run_sync(other.logout)
+
+
+async def test_a_folder_given_as_uids_is_examined_once_per_connection_not_per_batch(
+    imap_server: ImapServer, imap_account: dict[str, Any], wire: Wire
+) -> None:
+    """An EXAMINE makes Dovecot look through the whole folder: one before every pipeline cost
+    in proportion to the folder's size (a 10,000-message folder: 111 us of Dovecot's CPU per
+    message fetched, 21 us with one EXAMINE). UIDs given to the call existed before it, so a
+    connection that examined the folder during the call is current for them."""
+    uids = await trio.to_thread.run_sync(
+        lambda: seed_folders(imap_server, {"A": 30}, user=imap_account["username"], size=300)
+    )
+    with trio.fail_after(20):
+        async with open_pool(**imap_account, max_size=1) as pool:
+            wire.recording = True
+            async with fetch_many(pool, uids, ["BODY.PEEK[]"], batch_size=5) as results:
+                got = [uid async for _, uid, _ in results]
+            wire.recording = False
+    assert got == uids["A"]
+    assert wire.events.count(b"UID") == 6  # six batches, in three pipelines
+    assert wire.events.count(b"EXAMINE") == 1

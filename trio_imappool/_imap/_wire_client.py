@@ -13,6 +13,8 @@ Blocking code for worker threads; no Trio here.
 from __future__ import annotations
 
 import imaplib
+import math
+import time
 from collections.abc import Callable, Container, Sequence
 from typing import Any, Literal
 
@@ -61,24 +63,44 @@ class WireClient(IMAPClient):  # type: ignore[misc]
     configuration error (a ``ValueError`` too).
     """
 
-    selected: tuple[str, bool] | None
+    _selected: tuple[str, bool] | None
+    #: When the command that selected :attr:`selected` was sent (``time.monotonic()``), where
+    #: known; ``-inf`` otherwise. The session has seen every message that existed then.
+    selected_since: float
     idling: bool
     logged_out: bool
     #: ``check_text(what, value)``: refuses a text that cannot go on the wire (see above).
     check_text: Callable[[str, str], None] = staticmethod(_refuse_line_breaks)
 
     def __init__(self, *args: Any, on_socket: OnSocket | None = None, **kwargs: Any) -> None:
-        self.selected = None
+        self._selected = None
+        self.selected_since = -math.inf
         self.idling = False
         self.logged_out = False
         self._on_socket = on_socket
         super().__init__(*args, **kwargs)
 
+    @property
+    def selected(self) -> tuple[str, bool] | None:
+        """The folder selected and whether read-only (EXAMINE), or None."""
+        return self._selected
+
+    @selected.setter
+    def selected(self, value: tuple[str, bool] | None) -> None:
+        self._selected = value
+        self.selected_since = -math.inf  # since when the session is current: not known
+
+    def _now_selected(self, folder: str, readonly: bool, sent_at: float) -> None:
+        """*folder* is selected by a command sent at *sent_at* (``time.monotonic()``)."""
+        self._selected = (folder, readonly)
+        self.selected_since = sent_at
+
     def select_folder(self, folder: str, readonly: bool = False) -> dict[bytes, Any]:
         # A failed SELECT leaves no folder selected (RFC 3501 6.3.1).
         self.selected = None
+        sent_at = time.monotonic()
         result: dict[bytes, Any] = super().select_folder(folder, readonly)
-        self.selected = (folder, readonly)
+        self._now_selected(folder, readonly, sent_at)
         return result
 
     def fetch_pipelined(
@@ -87,6 +109,7 @@ class WireClient(IMAPClient):  # type: ignore[misc]
         data: Sequence[str | bytes],
         reading: list[int] | None = None,
         fresh: Container[int] = (),
+        current: tuple[Container[str], float] | None = None,
     ) -> list[PipelinedFetch]:
         """``UID FETCH`` batches of one or more folders in one round trip.
 
@@ -106,10 +129,18 @@ class WireClient(IMAPClient):  # type: ignore[misc]
         no data of another folder is ever returned for the step. Errors that leave the session
         in doubt (EOF, timeout, BYE) are raised; ``reading[0]``, if given, is then the index of
         the step whose answers were being read.
+
+        *current* ``(folders, since)`` spares the first step's EXAMINE when the connection
+        has that folder examined already, the folder is one of *folders*, and the EXAMINE
+        was sent at or after *since* (``time.monotonic()``): the caller knows that every
+        UID it asks for there existed by then, so the session has seen them. On a server
+        that syncs a whole folder for every EXAMINE (Dovecot reads a Maildir's directory),
+        an EXAMINE per batch costs in proportion to the folder's size.
         """
         imap = self._imap
         fields = seq_to_parenstr_upper(list(data))
         sent: list[tuple[str | None, str]] = []  # per step: the EXAMINE's tag or None, FETCH's
+        sent_at: list[float] = []  # per step: when its EXAMINE (if any) was written
         will_be: tuple[str, bool] | None
         state = imap.state
         imap.state = "SELECTED"  # imaplib sends UID commands only then; the server will be
@@ -119,6 +150,10 @@ class WireClient(IMAPClient):  # type: ignore[misc]
         # the NOOP before the NOOP's sync is done (seen: the new UID's FETCH came back empty).
         # An EXAMINE is a barrier, in the same round trip.
         will_be = None
+        if current is not None and self._selected is not None:
+            folders, since = current
+            if self._selected[1] and self._selected[0] in folders and self.selected_since >= since:
+                will_be = self._selected  # current since before the UIDs were known
         try:
             # Untagged FETCH responses left by earlier commands are not this pipeline's.
             imap.untagged_responses.pop("FETCH", None)
@@ -128,8 +163,11 @@ class WireClient(IMAPClient):  # type: ignore[misc]
                     if not sent:
                         imap.untagged_responses = {}  # as imaplib's select() does
                     imap.is_readonly = True
+                    sent_at.append(time.monotonic())
                     examine = imap._command("EXAMINE", self._normalise_folder(folder))
                     will_be = (folder, True)
+                else:
+                    sent_at.append(-math.inf)
                 sent.append((examine, imap._command("UID", "FETCH", message_set(uids), fields)))
         finally:
             imap.state = state
@@ -156,7 +194,7 @@ class WireClient(IMAPClient):  # type: ignore[misc]
                 imap.untagged_responses.clear()  # what EXAMINE said; the FETCHes' come next
                 if typ == "OK":
                     imap.state = "SELECTED"
-                    self.selected = (folder, True)
+                    self._now_selected(folder, True, sent_at[start])
                 else:
                     imap.state = "AUTH"
                     error = _failure("select", typ, answer)

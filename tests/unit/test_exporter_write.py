@@ -51,3 +51,16 @@ def test_a_write_batch_puts_every_message_in_its_folders_cur(tmp_path: Path) -> 
         names = sorted(os.listdir(f.path / "cur"))
         assert names == [f"7-{uid}.trio-imappool,S=2:2,S" for uid in (1, 2)]
         assert os.listdir(f.path / "tmp") == []
+
+
+def test_maildir_letters_are_remembered_for_a_bounded_number_of_flag_sets() -> None:
+    from trio_imappool.exporter._run import _LETTERS_KEPT, _Run
+
+    run = _Run([], fsync=False, progress=None)
+    assert run._letters((b"\\Seen", b"\\Flagged")) == "FS"
+    assert run._letters((b"\\Seen", b"\\Flagged")) == "FS"  # remembered
+    assert run._letters([b"\\Answered"]) == "R"  # a list cannot be a key: worked out
+    # A server making up a new keyword for every message does not grow the memory.
+    for n in range(3 * _LETTERS_KEPT):
+        assert run._letters((b"\\Draft", b"$k%d" % n)) == "D"
+    assert len(run._letters_of) <= _LETTERS_KEPT

@@ -71,8 +71,9 @@ _BODY_FIRST: Final = re.compile(
 
 def _flags(text: bytes) -> tuple[Any, ...]:
     tokens = text.split(b" ") if text else []
-    if any(token == b"NIL" or token.isdigit() for token in tokens):
-        return tuple(_atom(token) for token in tokens)
+    for token in tokens:  # once per message: a loop, not any() over a generator
+        if token == b"NIL" or token.isdigit():
+            return tuple(_atom(token) for token in tokens)
     return tuple(tokens)
 
 

@@ -40,6 +40,9 @@ from ._server import (
 if TYPE_CHECKING:
     from trio_imappool import Pool
 
+# Sets of flags whose Maildir letters are remembered during a run.
+_LETTERS_KEPT = 256
+
 
 # -- the export ----------------------------------------------------------------------------------
 
@@ -136,6 +139,7 @@ class _Run:
         self.totals = (0, 0)
         self.messages = 0
         self.bytes = 0
+        self._letters_of: dict[Any, str] = {}
 
     def plan(self) -> list[_Folder]:
         """The folders with something to fetch in the next round (their ``spec``)."""
@@ -197,6 +201,18 @@ class _Run:
             self.messages += 1
             self.bytes += len(item.body)
 
+    def _letters(self, flags: Any) -> str:
+        """:func:`maildir_flags`, remembered for the few sets of flags a mailbox has."""
+        try:
+            return self._letters_of[flags]
+        except KeyError:
+            letters = maildir_flags(flags)
+            if len(self._letters_of) < _LETTERS_KEPT:  # a server could make up any number
+                self._letters_of[flags] = letters
+            return letters
+        except TypeError:  # not hashable
+            return maildir_flags(flags)
+
     def _pending(self, name: str, messages: list[tuple[int, dict[bytes, Any]]]) -> list[_Pending]:
         """A fetched batch's messages to write (those with nothing to write are released)."""
         folder = self.by_name[name]
@@ -216,8 +232,7 @@ class _Run:
                     budget.release(size)
                 continue
             received.add(uid)
-            flags = maildir_flags(data.get(b"FLAGS", ()))
-            pending.append(_Pending(folder, uid, body, flags, size))
+            pending.append(_Pending(folder, uid, body, self._letters(data.get(b"FLAGS", ())), size))
         return pending
 
     async def fetch(

@@ -7,7 +7,6 @@ blocking path under ``trio.fail_after``.
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from trio_imappool._fanout import FanOutError
 from trio_imappool.exporter import _local, _run, export_maildir
 from trio_imappool.exporter._base import _WRITE_BATCH, _WRITE_QUEUE, _WRITERS
 from trio_imappool.testing import (
-    DovecotServer,
     ScriptedCommand,
     ScriptedFolder,
     ScriptedMessage,
@@ -32,13 +30,6 @@ from trio_imappool.testing import (
 from trio_imappool.wire import ByteSemaphore, message_size
 
 BODY = ["BODY.PEEK[]"]
-_users = itertools.count(1)
-
-
-def new_user(server: DovecotServer) -> dict[str, Any]:
-    name = f"review{next(_users)}"
-    server.add_user(name, f"{name}-pw")
-    return server.pool_kwargs(name, tls=False)
 
 
 def body(folder: str, uid: int, pad: int = 300) -> bytes:
@@ -136,9 +127,9 @@ async def test_batches_mixed_with_single_messages_count_and_release_like_the_ite
 
 
 async def test_cancelled_batch_requests_lose_no_message_and_leave_no_budget(
-    dovecot: DovecotServer,
+    account: dict[str, Any],
 ) -> None:
-    settings = new_user(dovecot)
+    settings = account
     uids = seed_folders(settings, {"A": 20, "B": 13}, size=3_000)
     got: list[tuple[str, int]] = []
     cancelled = 0
@@ -231,9 +222,9 @@ class BudgetSpy:
 
 
 async def test_an_export_with_a_budget_ends_with_nothing_held(
-    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    account: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = new_user(dovecot)
+    settings = account
     seed_folders(settings, {"INBOX": 30, "A": 17, "B": 5}, size=2_500)
     spy = BudgetSpy(monkeypatch)
     with trio.fail_after(60):
@@ -255,11 +246,11 @@ async def test_an_export_with_a_budget_ends_with_nothing_held(
 
 
 async def test_an_export_with_a_budget_and_already_exported_messages_releases_them(
-    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    account: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Messages fetched again but already on disk (the skip path of ``_pending``) give their
     bytes back at once; a batch of nothing but those is never queued."""
-    settings = new_user(dovecot)
+    settings = account
     seed_folders(settings, {"INBOX": 12}, size=2_000)
     spy = BudgetSpy(monkeypatch)
     real_plan = _local._plan
@@ -282,12 +273,12 @@ async def test_an_export_with_a_budget_and_already_exported_messages_releases_th
 
 
 async def test_without_a_budget_the_messages_held_for_writing_stay_bounded(
-    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    account: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """memory_budget=None: messages between the fetch's hand-over and their write, counted
     with slow writers. Before 1521631: the channel (128) and a write batch per writer (2 x
     128): 384, plus the one in the fetcher's hands."""
-    settings = new_user(dovecot)
+    settings = account
     seed_folders(settings, {"INBOX": 1_200}, size=200)
     alive = {"now": 0, "peak": 0}
     real_pending = _run._Run._pending
